@@ -1,0 +1,141 @@
+"""Depth cameras on MuJoCo scenes: render metric depth, back-project to the world frame.
+
+Shapes: H, W image rows and columns; M back-projected points (variable).
+
+Geometry (exact, no hand-tuned rotations):
+  * intrinsics from the camera's ``fovy`` and the image size (square pixels, principal
+    point at the image centre, pixel centres at integer coordinates as Open3D expects);
+  * extrinsics from *this* camera's pose in ``mjData`` (``cam_xpos``, ``cam_xmat``),
+    read at render time, so tracking cameras and cameras moved by a user stay right.
+MuJoCo cameras look along -z with +y up; Open3D (OpenCV convention) looks along +z
+with +y down, hence the ``diag(1, -1, -1)`` between the two frames.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import mujoco
+import open3d as o3d
+
+from sodp3d.errors import UserError
+
+# MuJoCo camera frame -> OpenCV camera frame (flip y and z).
+_MJ_TO_CV = np.diag([1.0, -1.0, -1.0])
+
+
+def camera_names(model: mujoco.MjModel) -> list[str]:
+    return [model.camera(i).name for i in range(model.ncam)]
+
+
+class DepthCamera:
+    """One named camera of a scene, rendering depth (and optionally colour) to a cloud.
+
+    The renderer is created once and reused; ``cloud(data)`` renders the current state
+    of ``data`` and returns world-frame points, float32, (M, 3) or (M, 6) with RGB in
+    [0, 1] when ``rgb`` is set.
+    """
+
+    def __init__(self, model: mujoco.MjModel, name: str, height: int, width: int, rgb: bool = False):
+        cam_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, name)
+        if cam_id < 0:
+            raise UserError(f"unknown camera '{name}'; this scene has: {', '.join(camera_names(model))}")
+        if height <= 0 or width <= 0:
+            raise UserError(f"camera resolution must be positive, got {height}x{width}")
+        if model.cam_sensorsize[cam_id].any():
+            raise UserError(f"camera '{name}' defines a physical sensor; only fovy cameras are supported")
+        self.model = model
+        self.name = name
+        self.cam_id = cam_id
+        self.height, self.width = int(height), int(width)
+        self.rgb = rgb
+        # The offscreen buffer limits the size; grow it for this model if asked for more.
+        model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
+        model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+        self._depth_renderer = mujoco.Renderer(model, self.height, self.width)
+        self._depth_renderer.enable_depth_rendering()
+        self._rgb_renderer = mujoco.Renderer(model, self.height, self.width) if rgb else None
+        fovy = np.deg2rad(model.cam_fovy[cam_id])
+        self.focal = 0.5 * self.height / np.tan(0.5 * fovy)
+        self.intrinsic = o3d.camera.PinholeCameraIntrinsic(
+            self.width, self.height, self.focal, self.focal, (self.width - 1) / 2.0, (self.height - 1) / 2.0
+        )
+        # Pixels at (or numerically near) the far clipping plane saw nothing.
+        self.far = float(model.vis.map.zfar * model.stat.extent)
+        self.depth_trunc = 0.99 * self.far
+
+    # -- rendering -------------------------------------------------------------------
+    def depth(self, data: mujoco.MjData) -> np.ndarray:
+        """Metric depth along the optical axis, (H, W) float32, row 0 at the top."""
+        self._depth_renderer.update_scene(data, camera=self.cam_id)
+        return self._depth_renderer.render()
+
+    def color(self, data: mujoco.MjData) -> np.ndarray:
+        """(H, W, 3) uint8."""
+        if self._rgb_renderer is None:
+            raise RuntimeError("camera was built without rgb")
+        self._rgb_renderer.update_scene(data, camera=self.cam_id)
+        return self._rgb_renderer.render()
+
+    # -- geometry --------------------------------------------------------------------
+    def camera_to_world(self, data: mujoco.MjData) -> np.ndarray:
+        """4x4 pose of the OpenCV-convention camera frame in the world."""
+        pose = np.eye(4)
+        pose[:3, :3] = data.cam_xmat[self.cam_id].reshape(3, 3) @ _MJ_TO_CV
+        pose[:3, 3] = data.cam_xpos[self.cam_id]
+        return pose
+
+    def extrinsic(self, data: mujoco.MjData) -> np.ndarray:
+        """4x4 world -> camera transform (what Open3D calls the extrinsic)."""
+        pose = self.camera_to_world(data)
+        ext = np.eye(4)
+        ext[:3, :3] = pose[:3, :3].T
+        ext[:3, 3] = -pose[:3, :3].T @ pose[:3, 3]
+        return ext
+
+    def project(self, data: mujoco.MjData, points: np.ndarray) -> np.ndarray:
+        """World points (P, 3) -> pixel (u, v) and depth, (P, 3). For tests and plots."""
+        ext = self.extrinsic(data)
+        cam = points @ ext[:3, :3].T + ext[:3, 3]
+        u = self.focal * cam[:, 0] / cam[:, 2] + (self.width - 1) / 2.0
+        v = self.focal * cam[:, 1] / cam[:, 2] + (self.height - 1) / 2.0
+        return np.stack([u, v, cam[:, 2]], axis=1)
+
+    def back_project(self, depth: np.ndarray, data: mujoco.MjData, color: np.ndarray | None = None) -> np.ndarray:
+        """Depth image (H, W) -> world-frame cloud (M, 3), or (M, 6) with colour."""
+        extrinsic = self.extrinsic(data)
+        depth_img = o3d.geometry.Image(np.ascontiguousarray(depth, dtype=np.float32))
+        if color is None:
+            pcd = o3d.geometry.PointCloud.create_from_depth_image(
+                depth_img, self.intrinsic, extrinsic, depth_scale=1.0, depth_trunc=self.depth_trunc
+            )
+            return np.asarray(pcd.points, dtype=np.float32)
+        rgbd = o3d.geometry.RGBDImage.create_from_color_and_depth(
+            o3d.geometry.Image(np.ascontiguousarray(color)),
+            depth_img,
+            depth_scale=1.0,
+            depth_trunc=self.depth_trunc,
+            convert_rgb_to_intensity=False,
+        )
+        pcd = o3d.geometry.PointCloud.create_from_rgbd_image(rgbd, self.intrinsic, extrinsic)
+        return np.concatenate(
+            [np.asarray(pcd.points, dtype=np.float32), np.asarray(pcd.colors, dtype=np.float32)], axis=1
+        )
+
+    def cloud(self, data: mujoco.MjData) -> np.ndarray:
+        """Render the current state and back-project: world-frame (M, 3|6) float32."""
+        depth = self.depth(data)
+        color = self.color(data) if self.rgb else None
+        return self.back_project(depth, data, color)
+
+    def close(self) -> None:
+        for r in (self._depth_renderer, self._rgb_renderer):
+            if r is not None:
+                r.close()
+        self._depth_renderer = self._rgb_renderer = None
+
+
+def fused_cloud(cameras: list[DepthCamera], data: mujoco.MjData) -> np.ndarray:
+    """All cameras' clouds in one world-frame array (they share coordinates exactly)."""
+    clouds = [cam.cloud(data) for cam in cameras]
+    return clouds[0] if len(clouds) == 1 else np.concatenate(clouds, axis=0)

@@ -1,0 +1,68 @@
+"""Building environments: one task, or many in parallel processes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import gymnasium as gym
+from omegaconf import DictConfig
+
+from .settings import ObsSettings, task_settings
+from .suites import make_suite_env
+from .wrappers import ActionChunking, PointCloudObservation
+
+
+def ensure_headless_gl() -> None:
+    """MuJoCo renders offscreen through EGL unless the user chose another backend."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+def make_env(
+    task: str,
+    env_cfg: DictConfig | dict | None = None,
+    *,
+    point_cloud: bool = True,
+    n_obs_steps: int | None = None,
+    n_action_steps: int | None = None,
+    settings: ObsSettings | None = None,
+) -> gym.Env:
+    """One task: suite env -> point cloud (optional) -> action chunks (when To, Ta given)."""
+    ensure_headless_gl()
+    settings = settings or task_settings(task, env_cfg)
+    env: gym.Env = make_suite_env(task, settings.episode_length)
+    if point_cloud:
+        env = PointCloudObservation(env, settings)
+    if n_obs_steps is not None or n_action_steps is not None:
+        env = ActionChunking(env, n_obs_steps or 1, n_action_steps or 1)
+    return env
+
+
+def make_vector_env(
+    tasks: str | Sequence[str],
+    num_envs: int,
+    env_cfg: DictConfig | dict | None = None,
+    *,
+    asynchronous: bool = True,
+    **kwargs,
+) -> gym.vector.VectorEnv:
+    """``num_envs`` copies (cycled over ``tasks``), one process each when asynchronous.
+
+    Seeding: ``vec.reset(seed=s)`` seeds env i with s + i, so a run is reproducible.
+    Workers are started with 'spawn' so that no GL context crosses a fork.
+    """
+    ensure_headless_gl()
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if num_envs < 1:
+        from sodp3d.errors import UserError
+
+        raise UserError(f"num_envs must be >= 1, got {num_envs}")
+    for t in dict.fromkeys(tasks):  # validate in the parent: a bad name fails here, once
+        task_settings(t, env_cfg)
+    fns: list[Callable[[], gym.Env]] = [
+        partial(make_env, tasks[i % len(tasks)], env_cfg, **kwargs) for i in range(num_envs)
+    ]
+    if asynchronous and num_envs > 1:
+        return gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)

@@ -1,0 +1,131 @@
+"""Per-task observation settings, read from the ``env`` config node and validated.
+
+The suite's defaults apply to every task of that suite; ``tasks.<task>`` overrides any
+of them for one task. Validation happens here, once, so that the collector, the
+environments and (later) the policy all see the same checked values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sodp3d.errors import UserError
+
+from .pointcloud import SAMPLING_METHODS, CropBox
+from .tasks import suite_of
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_KEYS = ("episode_length", "cameras", "resolution", "num_points", "rgb", "sampling", "crop")
+
+
+@dataclass(frozen=True)
+class ObsSettings:
+    task: str
+    suite: str
+    episode_length: int
+    cameras: tuple[str, ...]
+    height: int
+    width: int
+    num_points: int
+    rgb: bool
+    sampling: str
+    crop: CropBox | None
+
+    @property
+    def channels(self) -> int:
+        return 6 if self.rgb else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cameras"] = list(self.cameras)
+        d["crop"] = None if self.crop is None else self.crop.as_list()
+        return d
+
+    def observation_key(self) -> dict[str, Any]:
+        """What must match for two datasets' clouds to be comparable."""
+        d = self.to_dict()
+        d.pop("task")
+        d.pop("episode_length")
+        return d
+
+
+def default_env_config() -> DictConfig:
+    """The packaged ``configs/env/default.yaml``."""
+    try:
+        from importlib.resources import files
+
+        text = (files("sodp3d.configs") / "env" / "default.yaml").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        text = (CONFIG_DIR / "env" / "default.yaml").read_text()
+    return OmegaConf.create(text)
+
+
+def _as_dict(node: Any) -> dict:
+    if node is None:
+        return {}
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    return dict(node)
+
+
+def task_settings(task: str, env_cfg: DictConfig | dict | None = None) -> ObsSettings:
+    """Settings for one task: suite defaults, then that task's overrides, validated."""
+    suite = suite_of(task)
+    cfg = _as_dict(env_cfg if env_cfg is not None else default_env_config())
+    if suite not in cfg:
+        raise UserError(f"the env config has no '{suite}' section (needed for task {task})")
+    suite_cfg = dict(cfg[suite])
+    overrides = _as_dict((suite_cfg.pop("tasks", None) or {}).get(task))
+    unknown = set(suite_cfg) - set(_KEYS) or set(overrides) - set(_KEYS)
+    if unknown:
+        raise UserError(f"unknown env setting(s) {sorted(unknown)} for {task}; valid: {', '.join(_KEYS)}")
+    s = {**suite_cfg, **overrides}
+    missing = [k for k in _KEYS if k not in s]
+    if missing:
+        raise UserError(f"env settings for {task} lack {missing}")
+    where = f"env.{suite}" + (f".tasks.{task}" if overrides else "")
+
+    cams = s["cameras"]
+    cams = (cams,) if isinstance(cams, str) else tuple(cams or ())
+    if not cams:
+        raise UserError(f"{where}.cameras is empty; name at least one camera")
+    res = s["resolution"]
+    res = (res, res) if isinstance(res, int) else tuple(res)
+    if len(res) != 2 or any(not isinstance(r, int) or r <= 0 for r in res):
+        raise UserError(f"{where}.resolution must be [height, width] with positive integers, got {s['resolution']}")
+    n = s["num_points"]
+    if not isinstance(n, int) or n <= 0:
+        raise UserError(f"{where}.num_points must be a positive integer, got {n}")
+    if s["sampling"] not in SAMPLING_METHODS:
+        raise UserError(f"{where}.sampling '{s['sampling']}' is unknown; valid: {', '.join(SAMPLING_METHODS)}")
+    ep = s["episode_length"]
+    if not isinstance(ep, int) or ep <= 0:
+        raise UserError(f"{where}.episode_length must be a positive integer, got {ep}")
+    box = None
+    if s["crop"] is not None:
+        c = s["crop"]
+        try:
+            low, high = (c["low"], c["high"]) if isinstance(c, dict) else (c[0], c[1])
+            low, high = tuple(float(v) for v in low), tuple(float(v) for v in high)
+            if any(math.isnan(v) for v in low + high):
+                raise ValueError("NaN in crop box")
+            box = CropBox(low, high)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise UserError(f"{where}.crop must be {{low: [x, y, z], high: [x, y, z]}} with low < high: {e}") from None
+    return ObsSettings(
+        task=task,
+        suite=suite,
+        episode_length=ep,
+        cameras=cams,
+        height=res[0],
+        width=res[1],
+        num_points=n,
+        rgb=bool(s["rgb"]),
+        sampling=s["sampling"],
+        crop=box,
+    )
