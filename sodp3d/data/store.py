@@ -1,0 +1,297 @@
+"""Episode datasets in zarr: our layout (written and read) and DP3's (read).
+
+Layout (T steps in all, E episodes, N points, C = 3 or 6):
+
+    data/point_cloud  (T, N, C) float32   world-frame clouds
+    data/agent_pos    (T, Dp)   float32
+    data/state        (T, Ds)   float32   the env's low-dim observation
+    data/action       (T, Da)   float32
+    data/reward       (T,)      float32
+    data/success      (T,)      bool
+    meta/episode_ends (E,)      int64     cumulative, as DP3
+    meta/episode_task (E,)      str
+    meta/episode_*    (E,)      per-episode records: success, return, and how the
+                                collector acted (source, noise level, episode kind)
+    attrs: format, format_version, n_episodes (the commit counter), per-task observation
+           settings, cameras, crop, N, source, package versions
+
+Data are chunked by 100 steps and compressed with Blosc zstd.
+
+Crash safety: an episode is appended array by array and then *committed* by writing
+``n_episodes`` into the root attributes (one file, written atomically by zarr's local
+store). Readers only see committed episodes; an appender first cuts every array back
+to the committed length. A kill therefore loses at most the episode in progress.
+
+DP3 layout (``data/{point_cloud, state, action}``, ``meta/episode_ends``, zarr v2 or v3):
+read with ``agent_pos`` taken from DP3's ``data/state`` and ``state`` from
+``data/full_state`` when present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from sodp3d.errors import UserError
+
+FORMAT = "sodp3d-episodes"
+FORMAT_VERSION = 1
+CHUNK_STEPS = 100
+STEP_KEYS = ("point_cloud", "agent_pos", "state", "action", "reward", "success")
+_DTYPES = {"success": np.bool_}
+
+
+def _compressor() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def inspect_path(path: str | Path) -> str:
+    """'missing', 'sodp3d', 'dp3', or 'foreign' (something else is there)."""
+    p = Path(path)
+    if not p.exists():
+        return "missing"
+    if p.is_dir() and not any(p.iterdir()):
+        return "missing"
+    try:
+        root = zarr.open_group(str(p), mode="r")
+    except Exception:
+        return "foreign"
+    if root.attrs.get("format") == FORMAT:
+        return "sodp3d"
+    try:
+        if "data" in root and "meta" in root and "episode_ends" in root["meta"] and "action" in root["data"]:
+            return "dp3"
+    except Exception:
+        pass
+    return "foreign"
+
+
+class EpisodeWriter:
+    """Appends whole episodes to a dataset of our layout, committing each one."""
+
+    def __init__(self, root: zarr.Group):
+        self.root = root
+        self._repair()
+
+    # -- creation / opening ----------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, attrs: dict[str, Any]) -> "EpisodeWriter":
+        root = zarr.open_group(str(path), mode="w")
+        root.create_group("data")
+        meta = root.create_group("meta")
+        meta.create_array("episode_ends", shape=(0,), chunks=(4096,), dtype="int64")
+        meta.create_array("episode_task", shape=(0,), chunks=(4096,), dtype=str)
+        root.attrs.update(_jsonable({**attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "n_episodes": 0}))
+        return cls(root)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "EpisodeWriter":
+        kind = inspect_path(path)
+        if kind != "sodp3d":
+            raise UserError(_not_ours(path, kind))
+        root = zarr.open_group(str(path), mode="r+")
+        version = root.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise UserError(f"{path} is a sodp3d dataset of format version {version}; this sodp3d writes {FORMAT_VERSION}")
+        return cls(root)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.root.attrs)
+
+    def update_attrs(self, **values: Any) -> None:
+        self.root.attrs.update(_jsonable(values))
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def n_episodes(self) -> int:
+        return int(self.root.attrs.get("n_episodes", 0))
+
+    def episode_tasks(self) -> list[str]:
+        return [str(t) for t in self.root["meta/episode_task"][: self.n_episodes]]
+
+    def _repair(self) -> None:
+        """Cut every array back to the last committed episode."""
+        n = self.n_episodes
+        meta = self.root["meta"]
+        ends = meta["episode_ends"]
+        steps = int(ends[n - 1]) if n > 0 else 0
+        for name in list(meta.array_keys()):
+            if meta[name].shape[0] != n:
+                meta[name].resize((n,))
+        data = self.root["data"]
+        for key in list(data.array_keys()):
+            arr = data[key]
+            if arr.shape[0] != steps:
+                arr.resize((steps,) + arr.shape[1:])
+
+    # -- appending ---------------------------------------------------------------------
+    def append_episode(self, episode: dict[str, np.ndarray], task: str, info: dict[str, Any] | None = None) -> None:
+        """Append one episode and commit it.
+
+        ``episode[key]`` has a leading time axis, the same length for every key;
+        ``info`` holds per-episode scalars stored as ``meta/episode_<name>``.
+        """
+        lengths = {k: len(v) for k, v in episode.items()}
+        if len(set(lengths.values())) != 1 or 0 in lengths.values():
+            raise ValueError(f"episode arrays must share a non-zero length, got {lengths}")
+        steps = next(iter(lengths.values()))
+        data = self.root["data"]
+        existing = set(data.array_keys())
+        if existing and existing != set(episode):
+            raise ValueError(f"episode keys {sorted(episode)} differ from the dataset's {sorted(existing)}")
+        for key, value in episode.items():
+            value = np.asarray(value, dtype=_DTYPES.get(key, np.float32))
+            if key not in existing:
+                data.create_array(
+                    key,
+                    shape=(0,) + value.shape[1:],
+                    chunks=(CHUNK_STEPS,) + value.shape[1:],
+                    dtype=value.dtype,
+                    compressors=_compressor(),
+                )
+            elif data[key].shape[1:] != value.shape[1:]:
+                raise ValueError(f"'{key}' has shape {value.shape[1:]} per step, the dataset has {data[key].shape[1:]}")
+            data[key].append(value)
+        meta = self.root["meta"]
+        n = self.n_episodes
+        previous_end = int(meta["episode_ends"][n - 1]) if n else 0
+        meta["episode_ends"].append(np.array([previous_end + steps], dtype=np.int64))
+        meta["episode_task"].append(np.array([task]))
+        existing_meta = set(meta.array_keys())
+        for name, value in (info or {}).items():
+            key = f"episode_{name}"
+            value = np.asarray([value])
+            if value.dtype.kind in "OU":
+                value = value.astype(str)
+            if key not in existing_meta:
+                meta.create_array(key, shape=(n,), chunks=(4096,), dtype=value.dtype if value.dtype.kind != "U" else str)
+            meta[key].append(value)
+        self.root.attrs["n_episodes"] = n + 1  # the commit
+
+
+def _not_ours(path: str | Path, kind: str) -> str:
+    if kind == "missing":
+        return f"no dataset at {path}"
+    if kind == "dp3":
+        return f"{path} holds a DP3-layout dataset, not a sodp3d one; sodp3d reads it but does not append to it"
+    return f"{path} exists and is not a sodp3d dataset (no '{FORMAT}' format attribute); choose another path"
+
+
+class EpisodeDataset:
+    """Read-only view of the committed episodes of a dataset (ours or DP3's)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.layout = inspect_path(path)
+        if self.layout not in ("sodp3d", "dp3"):
+            raise UserError(
+                f"{path}: " + ("no dataset there" if self.layout == "missing" else
+                               "not a sodp3d or DP3 dataset (expected data/ and meta/episode_ends)")
+            )
+        self.root = zarr.open_group(self.path, mode="r")
+        ends = np.asarray(self.root["meta/episode_ends"][:], dtype=np.int64)
+        if self.layout == "sodp3d":
+            ends = ends[: int(self.root.attrs.get("n_episodes", 0))]
+        if ends.size and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
+            raise UserError(f"{path}: meta/episode_ends is not strictly increasing; the dataset is corrupt")
+        self.episode_ends = ends
+        data = self.root["data"]
+        self._arrays: dict[str, Any] = {}
+        names = set(data.array_keys())
+        if self.layout == "dp3":
+            mapping = {"point_cloud": "point_cloud", "agent_pos": "state", "action": "action", "state": "full_state"}
+            for ours, theirs in mapping.items():
+                if theirs in names:
+                    self._arrays[ours] = data[theirs]
+            for extra in names - set(mapping.values()):
+                self._arrays.setdefault(extra, data[extra])
+        else:
+            self._arrays = {k: data[k] for k in names}
+        short = [k for k, a in self._arrays.items() if a.shape[0] < self.n_steps]
+        if short:
+            raise UserError(f"{path}: arrays {short} are shorter than meta/episode_ends says ({self.n_steps} steps)")
+
+    @property
+    def n_episodes(self) -> int:
+        return int(self.episode_ends.size)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.episode_ends[-1]) if self.episode_ends.size else 0
+
+    @property
+    def keys(self) -> list[str]:
+        return sorted(self._arrays)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.root.attrs)
+
+    @property
+    def episode_tasks(self) -> list[str] | None:
+        if self.layout != "sodp3d":
+            return None
+        return [str(t) for t in self.root["meta/episode_task"][: self.n_episodes]]
+
+    def episode_info(self, name: str) -> np.ndarray | None:
+        """A per-episode record (``meta/episode_<name>``) of committed episodes, or None."""
+        meta = self.root["meta"]
+        key = f"episode_{name}"
+        return np.asarray(meta[key][: self.n_episodes]) if key in meta.array_keys() else None
+
+    def episode_starts(self) -> np.ndarray:
+        return np.concatenate([[0], self.episode_ends[:-1]]).astype(np.int64)
+
+    def get(self, key: str) -> np.ndarray:
+        """All committed steps of one array, in memory."""
+        if key not in self._arrays:
+            raise UserError(f"{self.path} has no '{key}'; it has: {', '.join(self.keys)}")
+        return np.asarray(self._arrays[key][: self.n_steps])
+
+    def episode(self, i: int, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+        if not -self.n_episodes <= i < self.n_episodes:
+            raise IndexError(f"episode {i} out of range ({self.n_episodes} episodes)")
+        i %= self.n_episodes
+        start, end = int(self.episode_starts()[i]), int(self.episode_ends[i])
+        return {k: np.asarray(self._arrays[k][start:end]) for k in (keys or self.keys)}
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per task: episodes, steps, success rate, mean return (where recorded)."""
+        tasks = self.episode_tasks or ["(unnamed)"] * self.n_episodes
+        has_success = "success" in self._arrays
+        has_reward = "reward" in self._arrays
+        success = self.get("success") if has_success else None
+        reward = self.get("reward") if has_reward else None
+        starts = self.episode_starts()
+        rows: dict[str, dict[str, Any]] = {}
+        for i, task in enumerate(tasks):
+            s, e = int(starts[i]), int(self.episode_ends[i])
+            row = rows.setdefault(task, {"task": task, "episodes": 0, "steps": 0, "successes": 0, "return_sum": 0.0})
+            row["episodes"] += 1
+            row["steps"] += e - s
+            if success is not None:
+                row["successes"] += int(success[s:e].any())
+            if reward is not None:
+                row["return_sum"] += float(reward[s:e].sum())
+        out = []
+        for row in rows.values():
+            out.append(
+                {
+                    "task": row["task"],
+                    "episodes": row["episodes"],
+                    "steps": row["steps"],
+                    "success_rate": row["successes"] / row["episodes"] if has_success else None,
+                    "mean_return": row["return_sum"] / row["episodes"] if has_reward else None,
+                }
+            )
+        return out
