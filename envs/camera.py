@@ -135,7 +135,21 @@ class DepthCamera:
         self._depth_renderer = self._rgb_renderer = None
 
 
+def refresh_kinematics(model: mujoco.MjModel, data: mujoco.MjData) -> None:
+    """Bring body, geom, site and camera poses up to date with qpos and mocap.
+
+    After ``mj_step`` these poses still describe the state before the last integration
+    step; rendering them would show the scene one physics substep late, and a state
+    restored later would render differently from the live one. This is kinematics
+    only (no dynamics, no solver), so the simulation that follows is unchanged.
+    """
+    mujoco.mj_kinematics(model, data)
+    mujoco.mj_comPos(model, data)
+    mujoco.mj_camlight(model, data)
+
+
 def fused_cloud(cameras: list[DepthCamera], data: mujoco.MjData) -> np.ndarray:
-    """All cameras' clouds in one world-frame array (they share coordinates exactly)."""
+    """All cameras' clouds of the current state in one world-frame array."""
+    refresh_kinematics(cameras[0].model, data)
     clouds = [cam.cloud(data) for cam in cameras]
     return clouds[0] if len(clouds) == 1 else np.concatenate(clouds, axis=0)

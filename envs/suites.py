@@ -158,7 +158,13 @@ class AdroitEnv(SuiteEnv):
         if task not in ADROIT_TASKS:
             raise UserError(f"'{task}' is not an Adroit task; valid: {', '.join(ADROIT_TASKS)}")
         super().__init__(task, episode_length)
-        import gymnasium_robotics
+        import contextlib
+        import io
+
+        # Its import prints a note on reward versions to stderr on every run; the
+        # version in use is recorded in each dataset's attributes instead.
+        with contextlib.redirect_stderr(io.StringIO()):
+            import gymnasium_robotics
 
         gym.register_envs(gymnasium_robotics)
         gym_id, action_dim = ADROIT_TASKS[task]
