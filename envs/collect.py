@@ -82,11 +82,6 @@ def _env_for(settings: ObsSettings):
     return _ENVS[key]
 
 
-# The scripted policies warn on every call that their gains exceed the action range;
-# the env clips actions to [-1, 1] anyway (so do we).
-warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
-
-
 def scripted_policy(task: str):
     from metaworld.policies import ENV_POLICY_MAP
 
@@ -110,7 +105,11 @@ def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, 
         if kind == "random":
             action = rng.uniform(-1.0, 1.0, 4)
         else:
-            action = policy.get_action(base._last_state)  # the float64 state Meta-World returned
+            with warnings.catch_warnings():
+                # The policies warn on every call that their gains exceed the action
+                # range; actions are clipped to [-1, 1] anyway.
+                warnings.simplefilter("ignore", UserWarning)
+                action = policy.get_action(base._last_state)  # the float64 state Meta-World returned
             action = action + rng.normal(0.0, noise, 4) if noise > 0 else action
             if kind == "perturbed":
                 if stretch == 0 and rng.random() < cfg.perturb_prob:
@@ -137,6 +136,13 @@ def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, 
         "noise_std": noise,
     }
     return {"task": settings.task, "index": index, "episode": episode, "meta": meta, "padded": 0}
+
+
+def close_envs() -> None:
+    """Release this process's cached environments (and their GL contexts)."""
+    for env in _ENVS.values():
+        env.close()
+    _ENVS.clear()
 
 
 def _scripted_job(args: tuple) -> dict[str, Any]:
@@ -207,50 +213,57 @@ def collect(cfg: DictConfig) -> dict[str, Any]:
             + (" (it is a DP3-layout dataset)" if kind == "dp3" else "")
             + "; choose a new out path (or the path of a sodp3d dataset to extend it)"
         )
+    # How the episodes are made; extending a dataset must not change it for a task.
+    source_cfg = cfg.get(source)
+    recipe = {
+        "source": source,
+        "seed": seed,
+        source: OmegaConf.to_container(source_cfg, resolve=True) if source_cfg is not None else {},
+    }
     writer = EpisodeWriter.open(out) if kind == "sodp3d" else None
     if writer is not None:
-        _check_compatible(out, writer.attrs, settings)
-    dims = {t: preflight(s) for t, s in settings.items()}
-    if len({tuple(d.values()) for d in dims.values()}) > 1:
-        listed = "; ".join(f"{t}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for t, d in dims.items())
-        raise UserError(f"tasks of one dataset must share per-step shapes, and these differ ({listed}); "
-                        "collect them into separate datasets")
-    shape = next(iter(dims.values()))
-    if writer is not None:
-        old = {k: writer.attrs.get(k) for k in shape}
-        if all(v is not None for v in old.values()) and old != shape:
-            raise UserError(f"{out} holds steps with {old}; these tasks have {shape}; choose another out path")
-
-    task_attrs = {t: {**s.to_dict(), "source": source} for t, s in settings.items()}
-    if writer is None:
-        writer = EpisodeWriter.create(out, {**_dataset_attrs(task_attrs, settings, seed), **shape})
-    else:
-        merged = dict(writer.attrs.get("tasks", {}))
-        merged.update({t: a for t, a in task_attrs.items() if t not in merged})
-        writer.update_attrs(tasks=merged)
-    done = {t: 0 for t in tasks}
-    for t in writer.episode_tasks():
-        if t in done:
-            done[t] += 1
-    todo = [(t, i) for i in range(episodes) for t in tasks if i >= done[t]]
-    already = sum(min(done[t], episodes) for t in tasks)
-    total = episodes * len(tasks)
-
-    bar = tqdm(total=total, initial=already, desc=f"collect {source}", unit="ep", dynamic_ncols=True)
-    successes, steps, t0 = 0, 0, time.perf_counter()
+        _check_compatible(out, writer.attrs, settings, recipe)
     try:
-        for result in _run_jobs(source, todo, settings, cfg, seed, workers, scripted if source == "scripted" else None):
-            writer.append_episode(result["episode"], result["task"], result["meta"])
-            successes += int(result["meta"]["success"])
-            steps += len(result["episode"]["action"])
-            bar.update(1)
-            bar.set_postfix(successes=successes, steps_per_s=f"{steps / (time.perf_counter() - t0):.0f}")
+        dims = {t: preflight(s) for t, s in settings.items()}
+        if len({tuple(d.values()) for d in dims.values()}) > 1:
+            listed = "; ".join(f"{t}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for t, d in dims.items())
+            raise UserError(f"tasks of one dataset must share per-step shapes, and these differ ({listed}); "
+                            "collect them into separate datasets")
+        shape = next(iter(dims.values()))
+        if writer is not None:
+            old = {k: writer.attrs.get(k) for k in shape}
+            if all(v is not None for v in old.values()) and old != shape:
+                raise UserError(f"{out} holds steps with {old}; these tasks have {shape}; choose another out path")
+
+        task_attrs = {t: {**s.to_dict(), **recipe} for t, s in settings.items()}
+        if writer is None:
+            writer = EpisodeWriter.create(out, {**_dataset_attrs(task_attrs, settings, seed), **shape})
+        else:
+            merged = dict(writer.attrs.get("tasks", {}))
+            merged.update({t: a for t, a in task_attrs.items() if t not in merged})
+            writer.update_attrs(tasks=merged)
+        done = {t: 0 for t in tasks}
+        for t in writer.episode_tasks():
+            if t in done:
+                done[t] += 1
+        todo = [(t, i) for i in range(episodes) for t in tasks if i >= done[t]]
+        already = sum(min(done[t], episodes) for t in tasks)
+        total = episodes * len(tasks)
+
+        bar = tqdm(total=total, initial=already, desc=f"collect {source}", unit="ep", dynamic_ncols=True)
+        successes, steps, t0 = 0, 0, time.perf_counter()
+        try:
+            for result in _run_jobs(source, todo, settings, cfg, seed, workers, scripted if source == "scripted" else None):
+                writer.append_episode(result["episode"], result["task"], result["meta"])
+                successes += int(result["meta"]["success"])
+                steps += len(result["episode"]["action"])
+                bar.update(1)
+                bar.set_postfix(successes=successes, steps_per_s=f"{steps / (time.perf_counter() - t0):.0f}")
+        finally:
+            bar.close()
+        return {"out": out, "new_episodes": len(todo), "skipped": already, "steps": steps, "seconds": time.perf_counter() - t0}
     finally:
-        bar.close()
-        for env in _ENVS.values():
-            env.close()
-        _ENVS.clear()
-    return {"out": out, "new_episodes": len(todo), "skipped": already, "steps": steps, "seconds": time.perf_counter() - t0}
+        close_envs()
 
 
 def _run_jobs(source, todo, settings, cfg, seed, workers, scripted):
@@ -289,7 +302,7 @@ def _dataset_attrs(task_attrs: dict, settings: dict[str, ObsSettings], seed: int
     }
 
 
-def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings]) -> None:
+def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings], recipe: dict[str, Any]) -> None:
     stored = attrs.get("tasks", {})
     for task, s in settings.items():
         shape = (s.num_points, s.channels)
@@ -299,11 +312,11 @@ def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings]) -
                 f"this run asks for {shape[0]} x {shape[1]}; choose another out path"
             )
         if task in stored:
-            old = {k: v for k, v in stored[task].items() if k not in ("source", "task")}
-            new = {k: v for k, v in s.to_dict().items() if k != "task"}
+            old = {k: v for k, v in stored[task].items() if k != "task"}
+            new = {k: v for k, v in {**s.to_dict(), **recipe}.items() if k != "task"}
             diff = sorted(k for k in new if old.get(k) != new[k])
             if diff:
                 raise UserError(
-                    f"{out} was collected for {task} with other settings ({', '.join(diff)} differ); "
+                    f"{out} was collected for {task} with other settings ({', '.join(diff)} differ{'s' if len(diff) == 1 else ''}); "
                     "use the same settings to extend it, or another out path"
                 )

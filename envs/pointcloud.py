@@ -3,8 +3,9 @@
 Shapes: M points in, N points out, C channels (3 for xyz, 6 with RGB).
 
 Sampling:
-  * ``fps``: farthest point sampling on xyz (fpsample's bucket QuickFPS, exact FPS,
-    started at index 0 so that the same cloud always gives the same points).
+  * ``fps``: farthest point sampling on xyz (fpsample's bucket QuickFPS: exact FPS;
+    its start point is chosen from the cloud itself, so the same cloud always gives
+    the same points).
   * ``uniform``: a uniform random subset, drawn with the given generator.
 Padding when fewer than N points survive the crop: the surviving points are repeated
 cyclically (0, 1, ..., M-1, 0, 1, ...) up to N, so the cloud keeps its shape and no
@@ -40,8 +41,9 @@ class CropBox:
         high = np.asarray(self.high, dtype=xyz.dtype)
         return np.all((xyz >= low) & (xyz <= high), axis=1)
 
-    def as_list(self) -> list[list[float]]:
-        return [list(map(float, self.low)), list(map(float, self.high))]
+    def as_list(self) -> list[list[float | None]]:
+        """[[low], [high]] with None for an open side (plain JSON has no infinity)."""
+        return [[float(v) if np.isfinite(v) else None for v in side] for side in (self.low, self.high)]
 
 
 def crop(points: np.ndarray, box: CropBox | None) -> np.ndarray:

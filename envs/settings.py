@@ -88,35 +88,40 @@ def task_settings(task: str, env_cfg: DictConfig | dict | None = None) -> ObsSet
     missing = [k for k in _KEYS if k not in s]
     if missing:
         raise UserError(f"env settings for {task} lack {missing}")
-    where = f"env.{suite}" + (f".tasks.{task}" if overrides else "")
+
+    def where(key: str) -> str:
+        """Where the user set ``key``: the task's overrides or the suite's defaults."""
+        return f"env.{suite}.tasks.{task}.{key}" if key in overrides else f"env.{suite}.{key}"
 
     cams = s["cameras"]
     cams = (cams,) if isinstance(cams, str) else tuple(cams or ())
     if not cams:
-        raise UserError(f"{where}.cameras is empty; name at least one camera")
+        raise UserError(f"{where('cameras')} is empty; name at least one camera")
     res = s["resolution"]
     res = (res, res) if isinstance(res, int) else tuple(res)
     if len(res) != 2 or any(not isinstance(r, int) or r <= 0 for r in res):
-        raise UserError(f"{where}.resolution must be [height, width] with positive integers, got {s['resolution']}")
+        raise UserError(f"{where('resolution')} must be [height, width] with positive integers, got {s['resolution']}")
     n = s["num_points"]
     if not isinstance(n, int) or n <= 0:
-        raise UserError(f"{where}.num_points must be a positive integer, got {n}")
+        raise UserError(f"{where('num_points')} must be a positive integer, got {n}")
     if s["sampling"] not in SAMPLING_METHODS:
-        raise UserError(f"{where}.sampling '{s['sampling']}' is unknown; valid: {', '.join(SAMPLING_METHODS)}")
+        raise UserError(f"{where('sampling')} '{s['sampling']}' is unknown; valid: {', '.join(SAMPLING_METHODS)}")
     ep = s["episode_length"]
     if not isinstance(ep, int) or ep <= 0:
-        raise UserError(f"{where}.episode_length must be a positive integer, got {ep}")
+        raise UserError(f"{where('episode_length')} must be a positive integer, got {ep}")
     box = None
     if s["crop"] is not None:
         c = s["crop"]
         try:
             low, high = (c["low"], c["high"]) if isinstance(c, dict) else (c[0], c[1])
-            low, high = tuple(float(v) for v in low), tuple(float(v) for v in high)
+            # null (None) leaves a side open, like -inf / +inf
+            low = tuple(-math.inf if v is None else float(v) for v in low)
+            high = tuple(math.inf if v is None else float(v) for v in high)
             if any(math.isnan(v) for v in low + high):
                 raise ValueError("NaN in crop box")
             box = CropBox(low, high)
         except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise UserError(f"{where}.crop must be {{low: [x, y, z], high: [x, y, z]}} with low < high: {e}") from None
+            raise UserError(f"{where('crop')} must be {{low: [x, y, z], high: [x, y, z]}} with low < high: {e}") from None
     return ObsSettings(
         task=task,
         suite=suite,

@@ -150,28 +150,35 @@ class ActionChunking(gym.Wrapper):
         remaining = getattr(base, "episode_length", None)
         remaining = None if remaining is None else remaining - getattr(base, "elapsed_steps", 0)
         n = self.n_action_steps if remaining is None else max(1, min(self.n_action_steps, remaining))
-        total, success, executed = 0.0, False, 0
+        To = self.n_obs_steps
+        previous = list(self._history)  # the window before this chunk: steps -To .. -1
+        seen: list = []  # per executed step: its observation, or None if not rendered
+        total, success = 0.0, False
         terminated = truncated = False
         info: dict = {}
         for i in range(n):
-            # Only the last To steps before the chunk (or the episode) ends are observed.
-            observed = self._pc is None or i >= n - self.n_obs_steps
+            # Only the last To steps before the chunk (or the episode) ends are rendered.
+            observed = self._pc is None or i >= n - To
             ctx = contextlib.nullcontext() if observed else self._pc.rendering_suppressed()
             with ctx:
                 obs, reward, terminated, truncated, info = self.env.step(actions[i])
             total += float(reward)
             success |= bool(info.get("success", False))
-            executed += 1
+            seen.append(obs if observed else None)
             if terminated or truncated:
-                if not observed:
-                    obs = dict(obs)
-                    obs["point_cloud"] = self._pc.point_cloud()
-                    for _ in range(self.n_obs_steps - 1):
-                        self._history.append(obs)
-                self._history.append(obs)
                 break
-            if observed:
-                self._history.append(obs)
+        last = len(seen) - 1
+        if seen[last] is None:  # the episode ended on a step that was not rendered
+            final = dict(obs)
+            final["point_cloud"] = self._pc.point_cloud()
+            seen[last] = final
+        # The window is the To steps ending at the last executed one; a step inside it
+        # that was not rendered (only possible after an early termination) takes the
+        # final observation.
+        window = [previous[To + j] if j < 0 else (seen[j] if seen[j] is not None else seen[last])
+                  for j in range(last - To + 1, last + 1)]
+        self._history = deque(window, maxlen=To)
+        executed = last + 1
         info = dict(info)
         info["success"] = success
         info["executed"] = executed

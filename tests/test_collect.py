@@ -35,6 +35,7 @@ from sodp3d.data.store import (  # noqa: E402
     EpisodeWriter,
     inspect_path,
 )
+from sodp3d.envs import collect as collect_module  # noqa: E402
 from sodp3d.errors import UserError  # noqa: E402
 
 FAST = ["workers=1", "env.metaworld.resolution=[48,48]", "env.metaworld.num_points=64"]
@@ -43,6 +44,15 @@ N_FAST = 64
 
 # --------------------------------------------------------------------------------------
 # helpers
+
+
+@pytest.fixture(autouse=True)
+def _close_cached_envs():
+    """Keep tests independent: close environments a failed collect left in the cache."""
+    yield
+    for env in collect_module._ENVS.values():
+        env.close()
+    collect_module._ENVS.clear()
 
 
 def make_episode(seed: int, steps: int, n_points: int = 16, success_at: int | None = None) -> dict[str, np.ndarray]:
@@ -570,6 +580,12 @@ def test_extend_keeps_what_is_there_and_refuses_other_settings(tmp_path, capsys)
     msg = assert_one_line_error(rc, o, e)
     assert "height" in msg and "width" in msg
     assert tree_state(out) == stored
+    # Another seed or another noise recipe would make a mix that is neither collection.
+    for other in ("seed=1", "scripted.random_share=0.5"):
+        rc, o, e = collect_cli(capsys, out, "episodes=4", *common, other)
+        msg = assert_one_line_error(rc, o, e)
+        assert other.split("=")[0].split(".")[0] in msg
+        assert tree_state(out) == stored
     assert EpisodeDataset(out).n_episodes == 6
 
 
@@ -619,6 +635,20 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
         assert part in msg, (part, msg)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_failed_preflight_names_the_task_and_releases_environments(tmp_path, capsys):
+    """A crop that empties only the second task's cloud: the message names that task's
+    own setting, nothing is written, and no rendering environment stays open in the
+    process (each holds a GL context; the collector's cache must be emptied)."""
+    out = tmp_path / "out.zarr"
+    rc, o, e = collect_cli(capsys, out, *_with(BASE, task="[reach-v3,push-v3]"),
+                           "+env.metaworld.tasks.push-v3.crop={low:[5,5,5],high:[6,6,6]}")
+    msg = assert_one_line_error(rc, o, e)
+    assert "push-v3" in msg and "env.metaworld.tasks.push-v3.crop" in msg and "reach-v3" not in msg
+    assert not out.exists()
+    leaked = list(collect_module._ENVS)  # the fixture below starts each test with an empty cache
+    assert leaked == [], f"environments left open after a failed collect: {[k[0] for k in leaked]}"
 
 
 def test_missing_out_is_one_line(tmp_path, capsys, monkeypatch):

@@ -130,6 +130,9 @@ class EpisodeWriter:
                 meta[name].resize((n,))
         data = self.root["data"]
         for key in list(data.array_keys()):
+            if n == 0:  # a first episode that never committed may have made only some arrays
+                del data[key]
+                continue
             arr = data[key]
             if arr.shape[0] != steps:
                 arr.resize((steps,) + arr.shape[1:])
@@ -149,8 +152,19 @@ class EpisodeWriter:
         existing = set(data.array_keys())
         if existing and existing != set(episode):
             raise ValueError(f"episode keys {sorted(episode)} differ from the dataset's {sorted(existing)}")
-        for key, value in episode.items():
-            value = np.asarray(value, dtype=_DTYPES.get(key, np.float32))
+        values = {k: np.asarray(v, dtype=_DTYPES.get(k, np.float32)) for k, v in episode.items()}
+        for key, value in values.items():  # check everything before writing anything
+            if key in existing and data[key].shape[1:] != value.shape[1:]:
+                raise ValueError(f"'{key}' has shape {value.shape[1:]} per step, the dataset has {data[key].shape[1:]}")
+        try:
+            self._write(values, existing, task, info or {}, steps)
+        except BaseException:
+            self._repair()  # nothing of this episode stays; the commit never happened
+            raise
+
+    def _write(self, values: dict[str, np.ndarray], existing: set, task: str, info: dict[str, Any], steps: int) -> None:
+        data = self.root["data"]
+        for key, value in values.items():
             if key not in existing:
                 data.create_array(
                     key,
@@ -159,8 +173,6 @@ class EpisodeWriter:
                     dtype=value.dtype,
                     compressors=_compressor(),
                 )
-            elif data[key].shape[1:] != value.shape[1:]:
-                raise ValueError(f"'{key}' has shape {value.shape[1:]} per step, the dataset has {data[key].shape[1:]}")
             data[key].append(value)
         meta = self.root["meta"]
         n = self.n_episodes
@@ -168,7 +180,7 @@ class EpisodeWriter:
         meta["episode_ends"].append(np.array([previous_end + steps], dtype=np.int64))
         meta["episode_task"].append(np.array([task]))
         existing_meta = set(meta.array_keys())
-        for name, value in (info or {}).items():
+        for name, value in info.items():
             key = f"episode_{name}"
             value = np.asarray([value])
             if value.dtype.kind in "OU":
