@@ -13,6 +13,8 @@ with +y down, hence the ``diag(1, -1, -1)`` between the two frames.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 import mujoco
@@ -26,6 +28,24 @@ _MJ_TO_CV = np.diag([1.0, -1.0, -1.0])
 
 def camera_names(model: mujoco.MjModel) -> list[str]:
     return [model.camera(i).name for i in range(model.ncam)]
+
+
+def _renderer(model: mujoco.MjModel, height: int, width: int) -> mujoco.Renderer:
+    try:
+        return mujoco.Renderer(model, height, width)
+    except Exception as e:  # mujoco.FatalError from the GL loader, or an EGL error
+        import sodp3d
+
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+        if sodp3d.MUJOCO_IMPORTED_FIRST:
+            raise UserError(
+                f"MuJoCo could not open a GL context ({reason}): mujoco was imported before sodp3d without "
+                "MUJOCO_GL set, so it chose a windowed backend; import sodp3d first or export MUJOCO_GL=egl"
+            ) from None
+        raise UserError(
+            f"MuJoCo could not open an offscreen GL context with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({reason}); "
+            "headless rendering needs the system packages libegl1 libopengl0 libgl1-mesa-dri (make install adds them)"
+        ) from None
 
 
 class DepthCamera:
@@ -52,9 +72,10 @@ class DepthCamera:
         # The offscreen buffer limits the size; grow it for this model if asked for more.
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
-        self._depth_renderer = mujoco.Renderer(model, self.height, self.width)
+        self._depth_renderer = self._rgb_renderer = None
+        self._depth_renderer = _renderer(model, self.height, self.width)
         self._depth_renderer.enable_depth_rendering()
-        self._rgb_renderer = mujoco.Renderer(model, self.height, self.width) if rgb else None
+        self._rgb_renderer = _renderer(model, self.height, self.width) if rgb else None
         fovy = np.deg2rad(model.cam_fovy[cam_id])
         self.focal = 0.5 * self.height / np.tan(0.5 * fovy)
         self.intrinsic = o3d.camera.PinholeCameraIntrinsic(

@@ -46,6 +46,7 @@ class SuiteEnv(gym.Env):
         self.task = task
         self.episode_length = int(episode_length)
         self._elapsed = 0
+        self._last_state: np.ndarray | None = None
 
     # -- what every suite provides -----------------------------------------------------
     def agent_pos(self) -> np.ndarray:
@@ -70,6 +71,26 @@ class SuiteEnv(gym.Env):
     def elapsed_steps(self) -> int:
         return self._elapsed
 
+    # -- stepping (the suite's own env is ``self._env``) ----------------------------------
+    def step(self, action):
+        action = np.clip(np.asarray(action, dtype=np.float64), self.action_space.low, self.action_space.high)
+        state, reward, terminated, truncated, info = self._env.step(action)
+        self._elapsed += 1
+        self._last_state = state
+        info = dict(info)
+        info["success"] = bool(info.get("success", False))
+        truncated = bool(truncated) or self._elapsed >= self.episode_length
+        return self._obs(state), float(reward), bool(terminated), truncated, info
+
+    def current_observation(self) -> dict[str, np.ndarray]:
+        """The observation of the latest reset or step."""
+        if self._last_state is None:
+            raise RuntimeError("reset the env first")
+        return self._obs(self._last_state)
+
+    def close(self):
+        self._env.close()
+
     # -- snapshots -------------------------------------------------------------------
     def model_snapshot(self) -> dict[str, np.ndarray]:
         """The model fields a reset may change; constant within an episode."""
@@ -88,8 +109,6 @@ class SuiteEnv(gym.Env):
         mujoco.mj_setState(self.model, self.data, np.asarray(physics, dtype=np.float64), _PHYSICS)
         mujoco.mj_forward(self.model, self.data)
 
-    def current_observation(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError
 
 
 class MetaWorldEnv(SuiteEnv):
@@ -112,7 +131,6 @@ class MetaWorldEnv(SuiteEnv):
         self._env = env
         self.model, self.data = env.model, env.data
         self._spaces(39, env.action_space)
-        self._last_state: np.ndarray | None = None
 
     @property
     def raw(self):
@@ -134,21 +152,6 @@ class MetaWorldEnv(SuiteEnv):
         self._last_state = state
         return self._obs(state), dict(info)
 
-    def step(self, action):
-        action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
-        state, reward, terminated, truncated, info = self._env.step(action)
-        self._elapsed += 1
-        self._last_state = state
-        info = dict(info)
-        info["success"] = bool(info.get("success", False))
-        truncated = bool(truncated) or self._elapsed >= self.episode_length
-        return self._obs(state), float(reward), bool(terminated), truncated, info
-
-    def current_observation(self):
-        return self._obs(self._last_state if self._last_state is not None else np.zeros(39))
-
-    def close(self):
-        self._env.close()
 
 
 class AdroitEnv(SuiteEnv):
@@ -174,7 +177,6 @@ class AdroitEnv(SuiteEnv):
         self._qpos_index = np.array([m.jnt_qposadr[m.actuator_trnid[i, 0]] for i in range(m.nu)])
         assert m.nu == action_dim, f"{gym_id} has {m.nu} actuators, expected {action_dim}"
         self._spaces(self._env.observation_space.shape[0], self._env.action_space)
-        self._last_state: np.ndarray | None = None
 
     @property
     def raw(self):
@@ -190,21 +192,6 @@ class AdroitEnv(SuiteEnv):
         self._last_state = state
         return self._obs(state), dict(info)
 
-    def step(self, action):
-        action = np.clip(np.asarray(action, dtype=np.float64), self.action_space.low, self.action_space.high)
-        state, reward, terminated, truncated, info = self._env.step(action)
-        self._elapsed += 1
-        self._last_state = state
-        info = dict(info)
-        info["success"] = bool(info.get("success", False))
-        truncated = bool(truncated) or self._elapsed >= self.episode_length
-        return self._obs(state), float(reward), bool(terminated), truncated, info
-
-    def current_observation(self):
-        return self._obs(self._last_state if self._last_state is not None else np.zeros(self.observation_space["state"].shape))
-
-    def close(self):
-        self._env.close()
 
 
 def make_suite_env(task: str, episode_length: int | None = None) -> SuiteEnv:

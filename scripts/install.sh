@@ -73,4 +73,11 @@ fi
 extra=cpu; [ "$device" = cuda ] && extra=gpu
 say "installing sodp3d (editable, extras: $extra,test)"
 "${PIP[@]}" install -q -e ".[$extra,test]"
-MUJOCO_GL=egl "$VENV/bin/python" -c 'import open3d, mujoco, torch; print(f"sodp3d install: ok (torch {torch.__version__} on {'cuda' if torch.cuda.is_available() else 'cpu'}, mujoco {mujoco.__version__}, open3d {open3d.__version__})")'
+MUJOCO_GL=egl "$VENV/bin/python" - <<'PY'
+import mujoco
+import open3d
+import torch
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+print(f"sodp3d install: ok (torch {torch.__version__} on {device}, mujoco {mujoco.__version__}, open3d {open3d.__version__})")
+PY
