@@ -97,6 +97,7 @@ def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, 
     kind = "random" if u < cfg.random_share else "perturbed" if u < cfg.random_share + cfg.perturb_share else "noisy"
     noise = float(rng.uniform(*cfg.noise_std))
     policy = scripted_policy(settings.task)
+    padded_before = env.padded
     obs, _ = env.reset(seed=reset_seed)
     base = env.unwrapped
     steps: dict[str, list] = {k: [] for k in ("point_cloud", "agent_pos", "state", "action", "reward", "success")}
@@ -121,6 +122,7 @@ def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, 
         for k in ("point_cloud", "agent_pos", "state"):
             steps[k].append(obs[k])
         steps["action"].append(action)
+        padded_stored = env.padded  # the observations stored so far (the final one is not)
         obs, reward, terminated, truncated, info = env.step(action)
         steps["reward"].append(reward)
         steps["success"].append(info["success"])
@@ -134,8 +136,9 @@ def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, 
         "source": "scripted",
         "kind": kind,
         "noise_std": noise,
+        "padded": padded_stored - padded_before,  # stored observations whose crop kept fewer than N points
     }
-    return {"task": settings.task, "index": index, "episode": episode, "meta": meta, "padded": 0}
+    return {"task": settings.task, "index": index, "episode": episode, "meta": meta}
 
 
 def close_envs() -> None:

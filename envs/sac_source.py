@@ -121,15 +121,17 @@ def train_and_record(settings: ObsSettings, options: dict[str, Any], seed: int, 
     return env.episodes[:n_episodes]
 
 
-def render_episode(settings: ObsSettings, record: dict[str, Any]) -> np.ndarray:
-    """Point clouds (T, N, C) of a recorded episode, rendered from its stored states."""
+def render_episode(settings: ObsSettings, record: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """Point clouds (T, N, C) of a recorded episode, rendered from its stored states,
+    and how many of them were padded."""
     env = _env_for(settings)  # PointCloudObservation over the suite env
     base = env.unwrapped
+    padded_before = env.padded
     clouds = []
     for physics in record["physics"]:
         base.restore(record["model"], physics)
         clouds.append(env.point_cloud())
-    return np.stack(clouds)
+    return np.stack(clouds), env.padded - padded_before
 
 
 def _train_job(args: tuple) -> tuple[str, list[dict[str, Any]]]:
@@ -139,7 +141,7 @@ def _train_job(args: tuple) -> tuple[str, list[dict[str, Any]]]:
 
 def _render_job(args: tuple) -> dict[str, Any]:
     settings, index, record = args
-    cloud = render_episode(settings, record)
+    cloud, padded = render_episode(settings, record)
     episode = {
         "point_cloud": cloud,
         "agent_pos": record["agent_pos"].astype(np.float32),
@@ -154,6 +156,7 @@ def _render_job(args: tuple) -> dict[str, Any]:
         "source": "sac",
         "kind": "sac",
         "noise_std": float("nan"),
+        "padded": padded,
     }
     return {"task": settings.task, "index": index, "episode": episode, "meta": meta}
 

@@ -36,11 +36,12 @@ def _run_collect(cfg) -> int:
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table of per-task dataset rows."""
-    lines = ["| task | episodes | steps | success rate | mean return |", "|---|---:|---:|---:|---:|"]
+    lines = ["| task | episodes | steps | success rate | mean return | padded obs |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         sr = "-" if r["success_rate"] is None else f"{100 * r['success_rate']:.0f}%"
         ret = "-" if r["mean_return"] is None else f"{r['mean_return']:.1f}"
-        lines.append(f"| {r['task']} | {r['episodes']} | {r['steps']} | {sr} | {ret} |")
+        pad = "-" if r.get("padded_observations") is None else str(r["padded_observations"])
+        lines.append(f"| {r['task']} | {r['episodes']} | {r['steps']} | {sr} | {ret} | {pad} |")
     return "\n".join(lines)
 
 

@@ -378,7 +378,8 @@ def test_reads_dp3_layout(tmp_path, zarr_format):
     assert d.episode_tasks is None
     assert d.episode_info("success") is None
     assert d.summary() == [
-        {"task": "(unnamed)", "episodes": 3, "steps": 19, "success_rate": None, "mean_return": None}
+        {"task": "(unnamed)", "episodes": 3, "steps": 19, "success_rate": None, "mean_return": None,
+         "padded_observations": None}
     ]
 
 
@@ -699,3 +700,18 @@ def test_help(capsys):
                 "random_share:", "metaworld:", "num_points:"):
         assert key in o, key
     assert e == ""
+
+
+def test_padded_observations_are_recorded_per_episode(tmp_path, capsys):
+    """A crop that keeps fewer points than N pads every observation, and the dataset says so."""
+    out = tmp_path / "pad.zarr"
+    rc = main(["collect", "task=reach-v3", "episodes=1", f"out={out}", "episode_length=6", "workers=1",
+               "env.metaworld.resolution=[24,24]", "env.metaworld.num_points=600"])
+    assert rc == 0
+    d = EpisodeDataset(out)
+    assert list(d.episode_info("padded")) == [6]
+    assert d.summary()[0]["padded_observations"] == 6
+    assert "| 6 |" in capsys.readouterr().out
+    clouds = d.get("point_cloud")
+    # Cyclic repetition: fewer distinct points than N, none invented.
+    assert len(np.unique(clouds[0], axis=0)) < 600

@@ -31,7 +31,8 @@ def test_stored_states_render_the_live_clouds(task):
     record = recorder.episodes[0]
     assert len(record["physics"]) == len(record["action"]) == 12
     np.testing.assert_allclose(record["agent_pos"], np.stack(agent_pos), atol=1e-6)
-    replayed = render_episode(settings, record)
+    replayed, padded = render_episode(settings, record)
+    assert padded == 0
     assert replayed.shape == (12, settings.num_points, 3)
     # The goal moves between seeds, so a replay that forgot the reset's model changes would differ.
     np.testing.assert_allclose(replayed, np.stack(clouds), atol=1e-5)

@@ -278,8 +278,10 @@ class EpisodeDataset:
         return {k: np.asarray(self._arrays[k][start:end]) for k in (keys or self.keys)}
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per task: episodes, steps, success rate, mean return (where recorded)."""
+        """Per task: episodes, steps, success rate, mean return and padded observations
+        (where recorded)."""
         tasks = self.episode_tasks or ["(unnamed)"] * self.n_episodes
+        padded = self.episode_info("padded") if self.layout == "sodp3d" else None
         has_success = "success" in self._arrays
         has_reward = "reward" in self._arrays
         success = self.get("success") if has_success else None
@@ -288,7 +290,11 @@ class EpisodeDataset:
         rows: dict[str, dict[str, Any]] = {}
         for i, task in enumerate(tasks):
             s, e = int(starts[i]), int(self.episode_ends[i])
-            row = rows.setdefault(task, {"task": task, "episodes": 0, "steps": 0, "successes": 0, "return_sum": 0.0})
+            row = rows.setdefault(
+                task, {"task": task, "episodes": 0, "steps": 0, "successes": 0, "return_sum": 0.0, "padded": 0}
+            )
+            if padded is not None:
+                row["padded"] += int(padded[i])
             row["episodes"] += 1
             row["steps"] += e - s
             if success is not None:
@@ -304,6 +310,7 @@ class EpisodeDataset:
                     "steps": row["steps"],
                     "success_rate": row["successes"] / row["episodes"] if has_success else None,
                     "mean_return": row["return_sum"] / row["episodes"] if has_reward else None,
+                    "padded_observations": row["padded"] if padded is not None else None,
                 }
             )
         return out
