@@ -45,12 +45,15 @@ def make_vector_env(
     env_cfg: DictConfig | dict | None = None,
     *,
     asynchronous: bool = True,
+    autoreset_mode: gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP,
     **kwargs,
 ) -> gym.vector.VectorEnv:
     """``num_envs`` copies (cycled over ``tasks``), one process each when asynchronous.
 
-    Seeding: ``vec.reset(seed=s)`` seeds env i with s + i, so a run is reproducible.
-    Workers are started with 'spawn' so that no GL context crosses a fork.
+    Seeding: ``vec.reset(seed=s)`` seeds env i with s + i (or ``seed=[...]`` one each),
+    so a run is reproducible. Workers are started with 'spawn' so that no GL context
+    crosses a fork. Autoreset is gymnasium's default (NEXT_STEP): the step that ends an
+    episode returns that episode's last observation and info.
     """
     ensure_headless_gl()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -64,5 +67,5 @@ def make_vector_env(
         partial(make_env, tasks[i % len(tasks)], env_cfg, **kwargs) for i in range(num_envs)
     ]
     if asynchronous and num_envs > 1:
-        return gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        return gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=autoreset_mode)
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=autoreset_mode)

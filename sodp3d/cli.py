@@ -34,6 +34,44 @@ def _run_collect(cfg) -> int:
     return 0
 
 
+def _run_pretrain(cfg) -> int:
+    from sodp3d.pretrain import pretrain
+
+    r = pretrain(cfg)
+    print(f"\npre-trained {r['steps']} steps ({r['params'] / 1e6:.2f}M parameters, {r['windows']} windows) "
+          f"in {r['seconds']:.0f} s; checkpoint: {r['checkpoint']}")
+    return 0
+
+
+def _run_eval(cfg) -> int:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from sodp3d.checkpoint import policy_from_checkpoint
+    from sodp3d.envs import resolve_tasks
+    from sodp3d.evaluate import evaluate, results_markdown, write_results
+    from sodp3d.pretrain import resolve_device
+
+    if cfg.get("ckpt") in (None, "???"):
+        raise UserError("no checkpoint; pass ckpt=<file or run dir>")
+    ckpt = Path(str(cfg.ckpt))
+    if ckpt.is_dir():
+        ckpt = ckpt / "checkpoints" / "latest.ckpt"
+    tasks = resolve_tasks(cfg.task if cfg.get("task") != "???" else None)
+    seeds = OmegaConf.to_container(cfg.seeds) if not isinstance(cfg.seeds, int) else [cfg.seeds]
+    if not isinstance(cfg.episodes, int) or not isinstance(cfg.num_envs, int) or cfg.num_envs <= 0:
+        raise UserError(f"episodes and num_envs must be positive integers, got {cfg.episodes!r}, {cfg.num_envs!r}")
+    policy, _ = policy_from_checkpoint(ckpt, device=resolve_device(str(cfg.device)), use_ema=bool(cfg.use_ema))
+    results = evaluate(policy, tasks, cfg.episodes, [int(s) for s in seeds], cfg.num_envs, cfg.env)
+    results["checkpoint"] = str(ckpt)
+    out = Path(str(cfg.out)) if cfg.get("out") else ckpt.parent.parent / "eval"
+    js, md = write_results(results, out)
+    print("\n" + results_markdown(results))
+    print(f"\nwrote {js} and {md}")
+    return 0
+
+
 def format_table(rows: list[dict]) -> str:
     """A markdown table of per-task dataset rows."""
     lines = ["| task | episodes | steps | success rate | mean return | padded obs |", "|---|---:|---:|---:|---:|---:|"]
@@ -51,6 +89,19 @@ COMMANDS = {
         "collect a sub-optimal multi-task point-cloud dataset into zarr",
         _run_collect,
         "sodp3d collect task=<task|set|[list]> episodes=<per task> out=<path.zarr> [source=scripted|sac]",
+    ),
+    "pretrain": Command(
+        "pretrain",
+        "pre-train the diffusion planner on datasets, reward-free",
+        _run_pretrain,
+        "sodp3d pretrain data=<zarr>[,<zarr>...] out=<run dir> [steps=..] [policy=tiny|simple|paper] "
+        "[encoder=dp3|pointnet|state] [resume=true]",
+    ),
+    "eval": Command(
+        "eval",
+        "evaluate a checkpoint: success rate and return per task",
+        _run_eval,
+        "sodp3d eval ckpt=<path> task=<task|set|[list]> [episodes=50] [seeds=[0,1,2]] [out=<dir>]",
     ),
 }
 
@@ -88,9 +139,13 @@ def _command_help(cmd: Command) -> str:
     from omegaconf import OmegaConf
 
     cfg = compose(cmd.name, [])
-    return f"usage: {cmd.usage}\n\n{cmd.summary}.\n\nOptions (defaults shown; override with key=value):\n\n" + OmegaConf.to_yaml(
-        cfg, resolve=False
-    )
+    groups = sorted(p.name for p in config_dir().iterdir() if p.is_dir() and not p.name.startswith("_"))
+    listed = [f"  {g}: {', '.join(sorted(f.stem for f in (config_dir() / g).glob('*.yaml')))}" for g in groups
+              if g in cfg]
+    text = f"usage: {cmd.usage}\n\n{cmd.summary}.\n\n"
+    if listed:
+        text += "Config groups (choose with group=name):\n" + "\n".join(listed) + "\n\n"
+    return text + "Options (defaults shown; override with key=value):\n\n" + OmegaConf.to_yaml(cfg, resolve=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nsodp3d {name}: interrupted; finished work is saved, run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

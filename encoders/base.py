@@ -1,0 +1,129 @@
+"""The encoder interface and the checks and pieces the encoders share.
+
+Shapes:
+    B   batch (the policy folds its To observed steps into it: B = batch * To)
+    N   points per cloud
+    C   point channels: 3 (xyz) or 6 (xyz then rgb in [0, 1])
+    Dp  agent_pos dim
+    Ds  state dim
+    F   feature dim (an encoder's out_dim)
+
+An encoder reads the observation keys named in its ``keys`` and returns one feature
+vector per sample. Its constructor takes ``shape_meta`` (obs key -> per-step shape, the
+task's shape contract) first and its options as keyword arguments with defaults; the
+registry in ``__init__.py`` reads that signature to reject unknown options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from sodp3d.errors import UserError
+
+ShapeMeta = Mapping[str, tuple[int, ...]]
+
+
+class Encoder(nn.Module):
+    """Observation dict -> feature vector.
+
+    Class attribute ``keys``: the observation keys read. Instance attribute ``out_dim``:
+    the feature size F. ``shape_meta`` keeps the per-step shapes of the keys read.
+    """
+
+    keys: tuple[str, ...] = ()
+    out_dim: int
+
+    def __init__(self, shape_meta: ShapeMeta):
+        super().__init__()
+        shape_meta = normalise_shape_meta(shape_meta)
+        missing = missing_keys(self.keys, shape_meta)
+        if missing:
+            raise UserError(missing_keys_message(type(self).__name__, missing, shape_meta))
+        self.shape_meta: dict[str, tuple[int, ...]] = {k: shape_meta[k] for k in self.keys}
+
+    def forward(self, obs: Mapping[str, Tensor]) -> Tensor:
+        """obs[k]: (B, *shape_meta[k]) for k in keys (other keys are ignored) -> (B, F)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"keys={self.keys}, out_dim={self.out_dim}"
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def normalise_shape_meta(shape_meta: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Shapes as tuples of ints (yaml gives lists); anything else is a UserError."""
+    if not isinstance(shape_meta, Mapping):
+        raise UserError(f"shape_meta must map observation keys to shapes, got {type(shape_meta).__name__}")
+    out = {}
+    for key, shape in shape_meta.items():
+        try:
+            dims = tuple(int(d) for d in shape)
+            ok = all(d == s for d, s in zip(dims, shape)) and all(d > 0 for d in dims)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"shape_meta[{key!r}] must be a tuple of positive integers, got {shape!r}")
+        out[str(key)] = dims
+    return out
+
+
+def missing_keys(keys: tuple[str, ...], shape_meta: Mapping[str, Any]) -> list[str]:
+    return [k for k in keys if k not in shape_meta]
+
+
+def missing_keys_message(name: str, missing: list[str], shape_meta: Mapping[str, Any]) -> str:
+    reads = ", ".join(repr(k) for k in missing)
+    has = ", ".join(shape_meta) or "nothing"
+    return f"encoder {name!r} reads {reads}, which the data does not have (it has: {has})"
+
+
+def positive_int(option: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"encoder.{option} must be a positive integer, got {value!r}")
+    return value
+
+
+def boolean(option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"encoder.{option} must be true or false, got {value!r}")
+    return value
+
+
+def vector_dim(shape_meta: ShapeMeta, key: str) -> int:
+    """The size D of a per-step vector observation of shape (D,)."""
+    shape = shape_meta[key]
+    if len(shape) != 1:
+        raise UserError(f"shape_meta[{key!r}] must be (D,) for a vector observation, got {shape}")
+    return shape[0]
+
+
+def point_channels(shape_meta: ShapeMeta, use_rgb: bool) -> int:
+    """Channels the point MLP takes: 6 with use_rgb (needs an (N, 6) cloud), else 3.
+
+    Without use_rgb an (N, 6) cloud is accepted and its colours are ignored.
+    """
+    shape = shape_meta["point_cloud"]
+    if len(shape) != 2 or shape[1] not in (3, 6):
+        raise UserError(
+            f"shape_meta['point_cloud'] must be (N, 3) for xyz or (N, 6) for xyz+rgb, got {shape}"
+        )
+    if use_rgb and shape[1] != 6:
+        raise UserError(
+            f"encoder.use_rgb=true needs point_cloud with 6 channels (xyz+rgb), but the dataset's "
+            f"clouds have {shape[1]} channels; collect with env.<suite>.rgb=true "
+            f"(e.g. env.metaworld.rgb=true) or drop encoder.use_rgb"
+        )
+    return 6 if use_rgb else 3
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def agent_pos_mlp(dim: int, hidden: int = 64, out: int = 64) -> nn.Sequential:
+    """DP3's state MLP: Linear(Dp, 64), ReLU, Linear(64, 64). (B, Dp) -> (B, 64)."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, out))

@@ -1,0 +1,71 @@
+"""Checkpoints: one file holds everything needed to act or to resume training.
+
+Contents: format tag and version, the policy config (shapes, horizons, encoder, U-Net,
+schedule), the policy weights (normaliser included), EMA weights, optimiser and LR
+scheduler states, the step count, RNG states, and the run's config.
+
+Writes are atomic (a temporary file in the same folder, fsync, rename), so a kill
+leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sodp3d.errors import UserError
+
+FORMAT = "sodp3d-policy"
+VERSION = 1
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it is corrupt or not a torch file") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not a sodp3d policy checkpoint")
+    if payload.get("version") != VERSION:
+        raise UserError(f"{path} is a sodp3d checkpoint of version {payload.get('version')}; this sodp3d reads {VERSION}")
+    return payload
+
+
+def policy_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+    """The policy of a checkpoint, ready to act (EMA weights when present)."""
+    from sodp3d.policy import DiffusionPolicy, PolicyConfig
+
+    payload = load_checkpoint(path)
+    config = PolicyConfig(**payload["policy_config"])
+    policy = DiffusionPolicy(config)
+    state = payload.get("ema_policy") if use_ema and payload.get("ema_policy") is not None else payload["policy"]
+    try:
+        policy.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit the policy its config describes ({str(e).splitlines()[0]})") from None
+    return policy.to(device).eval(), payload

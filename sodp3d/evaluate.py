@@ -1,0 +1,163 @@
+"""Evaluation: success rate and return of a policy on tasks, in parallel environments.
+
+Protocol (the paper's): ``episodes`` episodes per task and seed, success = the episode
+succeeded at any step, DDIM with the policy's eta (0 by default: deterministic). The
+metric is the *final* evaluation of one checkpoint; fine-tuning may also report DP3's
+"average of the top-5 evaluations during training", always labelled as such.
+
+Environments step in lockstep batches of ``num_envs``; env j of batch b in seed s is
+reset with seed s * 100000 + b * num_envs + j, so results are reproducible and every
+episode has its own goal.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from sodp3d.errors import UserError
+
+METRIC_FINAL = "final evaluation: success rate over {episodes} episodes per task and seed, mean (std) across seeds"
+
+
+def _check_policy_fits(policy, task: str, env_cfg) -> None:
+    from sodp3d.envs import make_env
+
+    env = make_env(task, env_cfg)
+    try:
+        spaces = env.observation_space.spaces
+        meta = policy.config.shape_meta
+        if tuple(meta["action"]) != tuple(env.action_space.shape):
+            raise UserError(
+                f"the checkpoint acts with {meta['action'][0]} action dims; {task} needs {env.action_space.shape[0]}"
+            )
+        for k in policy.obs_keys:
+            if tuple(meta[k]) != tuple(spaces[k].shape):
+                raise UserError(
+                    f"the checkpoint reads '{k}' of shape {tuple(meta[k])}; {task} gives {tuple(spaces[k].shape)} "
+                    "(check env settings such as num_points or rgb)"
+                )
+    finally:
+        env.close()
+
+
+def evaluate_task(
+    policy,
+    task: str,
+    episodes: int,
+    seed: int,
+    num_envs: int,
+    env_cfg=None,
+    generator: torch.Generator | None = None,
+    progress=None,
+) -> dict[str, Any]:
+    """Run ``episodes`` episodes of ``task``; returns per-episode success and return."""
+    from sodp3d.envs import make_vector_env
+
+    To, Ta = policy.config.n_obs_steps, policy.config.n_action_steps
+    n = max(1, min(num_envs, episodes))
+    vec = make_vector_env(task, n, env_cfg, asynchronous=n > 1, n_obs_steps=To, n_action_steps=Ta)
+    successes: list[bool] = []
+    returns: list[float] = []
+    steps = 0
+    try:
+        batch = 0
+        while len(successes) < episodes:
+            seeds = [seed * 100000 + batch * n + j for j in range(n)]
+            obs, _ = vec.reset(seed=seeds)
+            done = np.zeros(n, bool)
+            ok = np.zeros(n, bool)
+            ret = np.zeros(n)
+            while not done.all():
+                action = policy.predict_action({k: obs[k] for k in policy.obs_keys}, generator=generator)["action"]
+                obs, reward, terminated, truncated, info = vec.step(action.cpu().numpy())
+                live = ~done
+                ret[live] += reward[live]
+                ok[live] |= np.asarray(info["success"], bool)[live]
+                steps += int(np.asarray(info["executed"])[live].sum())
+                done |= terminated | truncated
+            take = min(n, episodes - len(successes))
+            successes.extend(ok[:take].tolist())
+            returns.extend(ret[:take].tolist())
+            if progress is not None:
+                progress.update(take)
+            batch += 1
+    finally:
+        vec.close()
+    return {"task": task, "seed": seed, "success": successes, "return": returns, "env_steps": steps}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(statistics.pstdev(values)) if len(values) > 1 else 0.0
+
+
+def evaluate(policy, tasks: list[str], episodes: int, seeds: list[int], num_envs: int, env_cfg=None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    if episodes <= 0:
+        raise UserError(f"episodes must be a positive integer, got {episodes}")
+    if not seeds:
+        raise UserError("seeds must name at least one seed")
+    for task in tasks:
+        _check_policy_fits(policy, task, env_cfg)
+    t0 = time.perf_counter()
+    per_task = []
+    bar = tqdm(total=len(tasks) * len(seeds) * episodes, desc="eval", unit="ep", dynamic_ncols=True)
+    env_steps = 0
+    try:
+        for task in tasks:
+            runs = []
+            for s in seeds:
+                gen = torch.Generator(device=policy.device).manual_seed(int(s))
+                r = evaluate_task(policy, task, episodes, int(s), num_envs, env_cfg, gen, bar)
+                env_steps += r["env_steps"]
+                runs.append(r)
+            rates = [float(np.mean(r["success"])) for r in runs]
+            rets = [float(np.mean(r["return"])) for r in runs]
+            sr, sr_std = _mean_std(rates)
+            mr, mr_std = _mean_std(rets)
+            per_task.append({"task": task, "success_rate": sr, "success_rate_std": sr_std, "mean_return": mr,
+                             "mean_return_std": mr_std, "per_seed_success_rate": rates, "episodes": episodes})
+    finally:
+        bar.close()
+    overall = [float(np.mean(t["per_seed_success_rate"])) for t in per_task]
+    per_seed_avg = [float(np.mean([t["per_seed_success_rate"][i] for t in per_task])) for i in range(len(seeds))]
+    avg, avg_std = _mean_std(per_seed_avg)
+    seconds = time.perf_counter() - t0
+    return {
+        "metric": METRIC_FINAL.format(episodes=episodes),
+        "seeds": list(seeds),
+        "tasks": per_task,
+        "average": {"success_rate": avg, "success_rate_std": avg_std, "tasks": len(overall)},
+        "env_steps": env_steps,
+        "seconds": seconds,
+    }
+
+
+def results_markdown(results: dict[str, Any], title: str = "Evaluation") -> str:
+    lines = [f"## {title}", "", f"Metric: {results['metric']}.", "",
+             "| task | success % | mean return |", "|---|---:|---:|"]
+    for t in results["tasks"]:
+        lines.append(f"| {t['task']} | {100 * t['success_rate']:.1f} ({100 * t['success_rate_std']:.1f}) "
+                     f"| {t['mean_return']:.1f} ({t['mean_return_std']:.1f}) |")
+    a = results["average"]
+    lines.append(f"| **average** | **{100 * a['success_rate']:.1f}** ({100 * a['success_rate_std']:.1f}) | |")
+    lines += ["", f"Seeds {results['seeds']}; {results['env_steps']} env steps in {results['seconds']:.0f} s."]
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], out: Path, title: str = "Evaluation") -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "results.json", out / "results.md"
+    for path, text in ((js, json.dumps(results, indent=2)), (md, results_markdown(results, title) + "\n")):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return js, md

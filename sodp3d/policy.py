@@ -1,0 +1,156 @@
+"""The diffusion policy: normaliser + observation encoder + conditional 1-D U-Net + noise
+schedule. It knows nothing about environments.
+
+Shapes: B batch, To observed steps, Tp predicted steps (horizon), Ta executed steps,
+Da action dim, F encoder features per step, G = To * F conditioning dim, S sampling steps.
+
+  compute_loss(batch)        denoising loss (eq. 7) on {'obs': {k: (B, To, ...)}, 'action': (B, Tp, Da)}
+  predict_action(obs)        {'action': (B, Ta, Da), 'action_pred': (B, Tp, Da)}, unnormalised
+  sample_chain(obs, ...)     actions plus the whole DDIM chain (B, S+1, Tp, Da) and the condition (B, G)
+  chain_log_prob(cond, chain)  per-step Gaussian log-probabilities (B, S) under the current weights
+
+The executed actions are steps To-1 .. To-2+Ta of the predicted Tp (the step of the
+last observation onwards), as in Diffusion Policy and DP3; hence Ta <= Tp - To + 1.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sodp3d.diffusion import DDIMSampler, NoiseSchedule
+from sodp3d.encoders import build_encoder
+from sodp3d.errors import UserError
+from sodp3d.normalizer import MinMaxNormalizer
+from sodp3d.unet import build_unet
+
+
+@dataclass
+class PolicyConfig:
+    """Everything needed to rebuild the policy (saved in every checkpoint)."""
+
+    shape_meta: dict[str, list[int]]          # obs key -> per-step shape, plus 'action': [Da]
+    horizon: int = 12                         # Tp
+    n_obs_steps: int = 2                      # To
+    n_action_steps: int = 8                   # Ta
+    encoder: str = "dp3"
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    unet: str = "paper"
+    unet_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_train_steps: int = 100                # K
+    beta_schedule: str = "cosine"
+    prediction_type: str = "epsilon"          # epsilon (the paper's eq. 7) | sample (DP3)
+    num_inference_steps: int = 10             # S
+    eta: float = 0.0                          # DDIM eta for acting (0: deterministic)
+
+    def validate(self) -> None:
+        To, Tp, Ta = self.n_obs_steps, self.horizon, self.n_action_steps
+        if min(To, Tp, Ta) < 1:
+            raise UserError(f"horizons must be >= 1, got Tp={Tp}, To={To}, Ta={Ta}")
+        if Ta > Tp - To + 1:
+            raise UserError(f"n_action_steps Ta={Ta} must be <= horizon - n_obs_steps + 1 = {Tp - To + 1} (Tp={Tp}, To={To})")
+        if "action" not in self.shape_meta:
+            raise UserError("shape_meta lacks 'action'")
+        if not 1 <= self.num_inference_steps <= self.num_train_steps:
+            raise UserError(f"num_inference_steps must be in [1, {self.num_train_steps}], got {self.num_inference_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+
+class DiffusionPolicy(nn.Module):
+    def __init__(self, config: PolicyConfig, normalizer: MinMaxNormalizer | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        meta = {k: tuple(v) for k, v in config.shape_meta.items()}
+        self.action_dim = int(meta["action"][0])
+        obs_meta = {k: v for k, v in meta.items() if k != "action"}
+        self.encoder = build_encoder(config.encoder, obs_meta, **config.encoder_kwargs)
+        self.obs_keys = tuple(self.encoder.keys)
+        self.cond_dim = config.n_obs_steps * self.encoder.out_dim
+        self.model = build_unet(config.unet, self.action_dim, self.cond_dim, **config.unet_kwargs)
+        self.schedule = NoiseSchedule(config.num_train_steps, config.beta_schedule, config.prediction_type)
+        self.sampler = DDIMSampler(self.schedule, num_steps=config.num_inference_steps, eta=config.eta)
+        dims = {"action": self.action_dim}
+        for k in self.obs_keys:
+            dims[k] = 3 if k == "point_cloud" else int(meta[k][-1])
+        self.normalizer = normalizer if normalizer is not None else MinMaxNormalizer(dims)
+        if set(self.normalizer.dims) != set(dims):
+            raise UserError(f"normaliser keys {sorted(self.normalizer.dims)} do not match the policy's {sorted(dims)}")
+
+    # -- helpers -----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _tensor(self, x: Any) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x, dtype=torch.float32, device=self.device)
+
+    def _check_obs(self, obs: dict[str, Any]) -> None:
+        To = self.config.n_obs_steps
+        for k in self.obs_keys:
+            if k not in obs:
+                raise UserError(f"the policy reads '{k}', which the observation lacks (it has: {', '.join(obs)})")
+            want = (To,) + tuple(self.config.shape_meta[k])
+            got = tuple(obs[k].shape[1:])
+            if got != want:
+                raise UserError(f"observation '{k}' has per-sample shape {got}, the policy expects {want}")
+
+    def condition(self, obs: dict[str, Any]) -> torch.Tensor:
+        """Normalised, encoded observations: (B, To, ...) per key -> (B, G)."""
+        self._check_obs(obs)
+        first = obs[self.obs_keys[0]]
+        B, To = first.shape[0], first.shape[1]
+        flat = {}
+        for k in self.obs_keys:
+            x = self.normalizer.normalize(k, self._tensor(obs[k]))
+            flat[k] = x.reshape(B * To, *x.shape[2:])
+        return self.encoder(flat).reshape(B, To * self.encoder.out_dim)
+
+    def _denoiser(self, cond: torch.Tensor):
+        return lambda x, k: self.model(x, k, cond)
+
+    def _executed(self, action_pred: torch.Tensor) -> torch.Tensor:
+        start = self.config.n_obs_steps - 1
+        return action_pred[:, start : start + self.config.n_action_steps]
+
+    # -- training ------------------------------------------------------------------------
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoising loss of eq. 7 (noise prediction) or DP3's sample prediction."""
+        cond = self.condition(batch["obs"])
+        x0 = self.normalizer.normalize("action", self._tensor(batch["action"]))
+        if x0.shape[1:] != (self.config.horizon, self.action_dim):
+            raise UserError(f"action windows have shape {tuple(x0.shape[1:])}, the policy expects {(self.config.horizon, self.action_dim)}")
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device) if generator is not None else torch.randn_like(x0)
+        k = torch.randint(0, self.schedule.num_train_steps, (x0.shape[0],), device=x0.device, generator=generator)
+        x_k = self.schedule.add_noise(x0, noise, k)
+        return self.schedule.loss(self.model(x_k, k, cond), x0, noise)
+
+    # -- acting -------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_action(self, obs: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        cond = self.condition(obs)
+        shape = (cond.shape[0], self.config.horizon, self.action_dim)
+        x0 = self.sampler.sample(self._denoiser(cond), shape, generator=generator, device=cond.device)
+        action_pred = self.normalizer.unnormalize("action", x0)
+        return {"action": self._executed(action_pred), "action_pred": action_pred}
+
+    def sample_chain(self, obs: dict[str, Any], sampler: DDIMSampler | None = None, generator: torch.Generator | None = None):
+        """For fine-tuning: (actions (B, Ta, Da) unnormalised, chain (B, S+1, Tp, Da), cond (B, G))."""
+        sampler = sampler or self.sampler
+        with torch.no_grad():
+            cond = self.condition(obs)
+            shape = (cond.shape[0], self.config.horizon, self.action_dim)
+            x0, chain = sampler.sample(self._denoiser(cond), shape, generator=generator, return_chain=True,
+                                       device=cond.device)
+        return self._executed(self.normalizer.unnormalize("action", x0)), chain, cond
+
+    def chain_log_prob(self, cond: torch.Tensor, chain: torch.Tensor, sampler: DDIMSampler | None = None) -> torch.Tensor:
+        """(B, S) log-probabilities of a stored chain's steps under the current weights."""
+        return (sampler or self.sampler).log_prob(self._denoiser(cond), chain)

@@ -1,0 +1,278 @@
+"""Reward-free multi-task pre-training (the paper's first stage).
+
+Trains the denoising loss (eq. 7) on the union of datasets, reading observations and
+actions only. AdamW, lr 1e-4 with warm-up and cosine decay, batch 256, EMA of the
+weights (the paper's defaults; all overridable). Checkpoints are atomic; ``resume=true``
+continues after a kill with the same step count, optimiser, scheduler, EMA and RNG
+state, so a resumed run takes the same next step as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sodp3d.checkpoint import load_checkpoint, save_checkpoint
+from sodp3d.data.windows import WindowDataset
+from sodp3d.errors import UserError
+from sodp3d.normalizer import MinMaxNormalizer
+from sodp3d.policy import DiffusionPolicy, PolicyConfig
+
+# Per suite: horizon Tp, observed To, executed Ta (REFERENCE section 1).
+HORIZONS = {"metaworld": (12, 2, 8), "adroit": (4, 2, 3)}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} asked for, but this torch build sees no CUDA device; use device=cpu or auto")
+    return device
+
+
+def parse_paths(data: Any) -> list[str]:
+    if data is None or data == "???":
+        raise UserError("no dataset given; pass data=<path.zarr>[,<path.zarr>...]")
+    items = [data] if isinstance(data, str) else list(data)
+    paths = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+    if not paths:
+        raise UserError("no dataset given; pass data=<path.zarr>[,<path.zarr>...]")
+    return paths
+
+
+def _suite_of_data(paths: list[str]) -> str:
+    from sodp3d.data.store import EpisodeDataset
+
+    suites = set()
+    for p in paths:
+        tasks = EpisodeDataset(p).attrs.get("tasks", {})
+        suites |= {t.get("suite") for t in tasks.values() if isinstance(t, dict) and t.get("suite")}
+    return suites.pop() if len(suites) == 1 else "metaworld"
+
+
+def policy_config(cfg: DictConfig, shape_meta: dict[str, list[int]], suite: str) -> PolicyConfig:
+    Tp, To, Ta = HORIZONS[suite]
+    enc = OmegaConf.to_container(cfg.encoder, resolve=True)
+    pol = OmegaConf.to_container(cfg.policy, resolve=True)
+    return PolicyConfig(
+        shape_meta=shape_meta,
+        horizon=int(cfg.horizon if cfg.get("horizon") is not None else Tp),
+        n_obs_steps=int(cfg.n_obs_steps if cfg.get("n_obs_steps") is not None else To),
+        n_action_steps=int(cfg.n_action_steps if cfg.get("n_action_steps") is not None else Ta),
+        encoder=str(enc.pop("name")),
+        encoder_kwargs=enc,
+        unet=str(pol.get("unet")),
+        unet_kwargs=dict(pol.get("unet_kwargs") or {}),
+        num_train_steps=int(pol.get("num_train_steps", 100)),
+        beta_schedule=str(pol.get("beta_schedule", "cosine")),
+        prediction_type=str(pol.get("prediction_type", "epsilon")),
+        num_inference_steps=int(pol.get("num_inference_steps", 10)),
+        eta=float(pol.get("eta", 0.0)),
+    )
+
+
+def ema_avg_fn(power: float = 0.75, max_decay: float = 0.9999):
+    """EMA with warm-up (as Diffusion Policy): decay = 1 - (1 + n)^-power, capped."""
+
+    def fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        decay = min(max_decay, 1.0 - (1.0 + float(num_averaged)) ** -power)
+        return averaged * decay + current * (1.0 - decay)
+
+    return fn
+
+
+def lr_lambda(warmup: int, total: int):
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+class Trainer:
+    """Owns the optimiser, schedule, EMA and RNGs; the policy owns only its loss."""
+
+    def __init__(self, policy: DiffusionPolicy, cfg: DictConfig, device: torch.device):
+        self.policy = policy.to(device)
+        self.device = device
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            policy.parameters(), lr=float(o.lr), betas=tuple(o.betas), weight_decay=float(o.weight_decay)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(int(o.warmup_steps), int(cfg.steps)))
+        self.ema = torch.optim.swa_utils.AveragedModel(
+            policy, avg_fn=ema_avg_fn(float(cfg.ema.power), float(cfg.ema.max_decay)), use_buffers=True
+        )
+        self.grad_clip = float(o.grad_clip) if o.get("grad_clip") else None
+        self.step = 0
+        self.rng = np.random.default_rng(int(cfg.seed))
+        self.torch_gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+
+    def train_step(self, dataset: WindowDataset, batch_size: int) -> float:
+        batch = dataset.sample(batch_size, self.rng)
+        self.policy.train()
+        loss = self.policy.compute_loss(batch, generator=self.torch_gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update_parameters(self.policy)
+        self.step += 1
+        return float(loss.item())
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.state_dict(),
+            "ema": self.ema.state_dict(),
+            "ema_policy": self.ema.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "rng": self.rng.bit_generator.state,
+            "torch_gen": self.torch_gen.get_state(),
+        }
+
+    def load(self, payload: dict[str, Any]) -> None:
+        self.policy.load_state_dict(payload["policy"], strict=True)
+        self.ema.load_state_dict(payload["ema"], strict=True)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.step = int(payload["step"])
+        self.rng.bit_generator.state = payload["rng"]
+        self.torch_gen.set_state(payload["torch_gen"].cpu() if self.device.type == "cpu" else payload["torch_gen"])
+
+
+def _same_policy(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+class RunLogger:
+    """metrics.jsonl in the run dir, and wandb (offline unless asked otherwise)."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, name: str):
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        mode = str(cfg.wandb.mode)
+        if mode not in ("offline", "online", "disabled"):
+            raise UserError(f"wandb.mode must be offline, online or disabled, got '{mode}'")
+        if mode != "disabled":
+            import wandb
+
+            id_file = run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(
+                project=str(cfg.wandb.project), name=name, id=run_id, resume="allow", mode=mode,
+                dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit=True,
+            )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def pretrain(cfg: DictConfig) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from sodp3d.encoders import ENCODERS
+
+    paths = parse_paths(cfg.data)
+    if not cfg.get("out") or cfg.out == "???":
+        raise UserError("no run directory; pass out=<run dir>")
+    run = Path(str(cfg.out))
+    steps = int(cfg.steps)
+    if steps <= 0 or int(cfg.batch_size) <= 0:
+        raise UserError(f"steps and batch_size must be positive, got steps={cfg.steps}, batch_size={cfg.batch_size}")
+    device = resolve_device(str(cfg.device))
+    enc_name = str(cfg.encoder.name)
+    if enc_name not in ENCODERS:
+        raise UserError(f"unknown encoder '{enc_name}'; valid: {', '.join(ENCODERS)}")
+    suite = _suite_of_data(paths)
+    Tp, To, Ta = HORIZONS[suite]
+    horizon = int(cfg.horizon) if cfg.get("horizon") is not None else Tp
+    To = int(cfg.n_obs_steps) if cfg.get("n_obs_steps") is not None else To
+    Ta = int(cfg.n_action_steps) if cfg.get("n_action_steps") is not None else Ta
+    dataset = WindowDataset(paths, ENCODERS[enc_name].keys, horizon, To, Ta)
+    shape_meta = {k: list(v) for k, v in dataset.shapes.items()}
+    config = policy_config(cfg, shape_meta, suite)
+
+    ckpt = run / "checkpoints" / "latest.ckpt"
+    payload = None
+    if ckpt.exists():
+        if not cfg.resume:
+            raise UserError(f"{run} already holds a run (checkpoints/latest.ckpt); pass resume=true to continue it, or another out")
+        payload = load_checkpoint(ckpt, map_location=device)
+        diff = _same_policy(payload["policy_config"], config.to_dict())
+        if diff:
+            raise UserError(f"{ckpt} was built with other policy settings ({', '.join(diff)} differ); resume with the same ones")
+        normalizer = None
+    else:
+        normalizer = MinMaxNormalizer.fit(dataset.arrays_for_fit())
+    torch.manual_seed(int(cfg.seed))  # the same seed gives the same initial weights
+    policy = DiffusionPolicy(config, normalizer)
+    trainer = Trainer(policy, cfg, device)
+    if payload is not None:
+        trainer.load(payload)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    logger = RunLogger(run, cfg, run.name)
+    n_params = sum(p.numel() for p in policy.parameters())
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt, {"policy_config": config.to_dict(), "train_config": OmegaConf.to_container(cfg, resolve=True),
+                               "data": paths, **trainer.state()})
+
+    bar = tqdm(total=steps, initial=trainer.step, desc="pretrain", unit="step", dynamic_ncols=True)
+    t0, seen, losses = time.perf_counter(), 0, []
+    first_loss = None
+    try:
+        while trainer.step < steps:
+            try:
+                loss = trainer.train_step(dataset, int(cfg.batch_size))
+            except FloatingPointError as e:
+                raise UserError(f"training diverged ({e}); the last good checkpoint is {ckpt}") from None
+            first_loss = loss if first_loss is None else first_loss
+            losses.append(loss)
+            seen += int(cfg.batch_size)
+            if trainer.step % int(cfg.log_every) == 0 or trainer.step == steps:
+                rate = seen / (time.perf_counter() - t0)
+                mean = float(np.mean(losses))
+                logger.log({"loss": mean, "lr": trainer.scheduler.get_last_lr()[0], "samples_per_s": rate}, trainer.step)
+                bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:.0f}")
+                losses = []
+            if trainer.step % int(cfg.checkpoint_every) == 0:
+                checkpoint()
+            bar.update(1)
+        checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+    finally:
+        bar.close()
+        logger.close()
+    return {"run": str(run), "checkpoint": str(ckpt), "steps": trainer.step, "params": n_params,
+            "windows": len(dataset), "first_loss": first_loss, "seconds": time.perf_counter() - t0}
