@@ -58,6 +58,18 @@ def _run_eval(cfg) -> int:
     ckpt = Path(str(cfg.ckpt))
     if ckpt.is_dir():
         ckpt = ckpt / "checkpoints" / "latest.ckpt"
+    if str(cfg.metric) not in ("final", "top5"):
+        raise UserError(f"unknown metric '{cfg.metric}'; valid: final, top5")
+    if cfg.metric == "top5":
+        from sodp3d.evaluate import read_history, top_k_average
+
+        run = ckpt.parent.parent
+        results = top_k_average(read_history(run / "evals.jsonl"), 5)
+        results["checkpoint"] = str(ckpt)
+        js, md = write_results(results, Path(str(cfg.out)) if cfg.get("out") else run / "eval-top5", "Evaluation (DP3 top-5)")
+        print("\n" + results_markdown(results, "Evaluation (DP3 top-5)"))
+        print(f"\nwrote {js} and {md}")
+        return 0
     tasks = resolve_tasks(cfg.task if cfg.get("task") != "???" else None)
     seeds = OmegaConf.to_container(cfg.seeds) if not isinstance(cfg.seeds, int) else [cfg.seeds]
     if not isinstance(cfg.episodes, int) or not isinstance(cfg.num_envs, int) or cfg.num_envs <= 0:

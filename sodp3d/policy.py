@@ -75,6 +75,7 @@ class DiffusionPolicy(nn.Module):
         self.obs_keys = tuple(self.encoder.keys)
         self.cond_dim = config.n_obs_steps * self.encoder.out_dim
         self.model = build_unet(config.unet, self.action_dim, self.cond_dim, **config.unet_kwargs)
+        self.model.check_horizon(config.horizon)  # fail at build time, not at the first forward
         self.schedule = NoiseSchedule(config.num_train_steps, config.beta_schedule, config.prediction_type)
         self.sampler = DDIMSampler(self.schedule, num_steps=config.num_inference_steps, eta=config.eta)
         dims = {"action": self.action_dim}

@@ -242,6 +242,24 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     logger = RunLogger(run, cfg, run.name)
     n_params = sum(p.numel() for p in policy.parameters())
 
+    eval_every = int(cfg.eval.every)
+    eval_tasks = None
+    if eval_every > 0:
+        from sodp3d.envs import resolve_tasks
+
+        eval_tasks = resolve_tasks(cfg.eval.task)
+
+    def periodic_eval() -> None:
+        from sodp3d.evaluate import evaluate
+
+        policy_eval = trainer.ema.module.eval()
+        r = evaluate(policy_eval, eval_tasks, int(cfg.eval.episodes), [int(cfg.seed)], int(cfg.eval.num_envs), cfg.get("env"))
+        entry = {"step": trainer.step, "tasks": [{k: t[k] for k in ("task", "success_rate", "mean_return", "episodes")}
+                                                 for t in r["tasks"]], "average": r["average"]["success_rate"]}
+        with (run / "evals.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        logger.log({"eval/success_rate": entry["average"]}, trainer.step)
+
     def checkpoint() -> None:
         save_checkpoint(ckpt, {"policy_config": config.to_dict(), "train_config": OmegaConf.to_container(cfg, resolve=True),
                                "data": paths, **trainer.state()})
@@ -266,6 +284,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
                 losses = []
             if trainer.step % int(cfg.checkpoint_every) == 0:
                 checkpoint()
+            if eval_every > 0 and (trainer.step % eval_every == 0 or trainer.step == steps):
+                periodic_eval()
             bar.update(1)
         checkpoint()
     except KeyboardInterrupt:

@@ -6,7 +6,6 @@ that builds the full `paper` U-Net once and runs a batch of 1 through it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

@@ -162,3 +162,22 @@ def test_bad_input(dataset, tmp_path, capsys):
     junk.write_bytes(os.urandom(256))
     msg = one_line_error(capsys, main(["eval", f"ckpt={junk}", "task=reach-v3"]), "eval")
     assert "junk.ckpt" in msg
+
+
+def test_periodic_evaluation_and_top5_metric(dataset, tmp_path, capsys):
+    run = tmp_path / "top5"
+    rc = pretrain(dataset, run, "steps=6", "eval.every=3", "eval.task=reach-v3", "eval.episodes=1",
+                  "eval.num_envs=1", *FAST_ENV)
+    assert rc == 0
+    history = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [3, 6]
+    capsys.readouterr()
+    assert main(["eval", f"ckpt={run}", "metric=top5"]) == 0
+    md = (run / "eval-top5" / "results.md").read_text()
+    assert "DP3-style" in md and "2 evaluations" in md and "not a final evaluation" in md
+    # Without recorded evaluations the top-5 metric cannot be formed.
+    bare = tmp_path / "bare"
+    assert pretrain(dataset, bare, "steps=2") == 0
+    capsys.readouterr()
+    msg = one_line_error(capsys, main(["eval", f"ckpt={bare}", "metric=top5"]), "eval")
+    assert "eval_every" in msg or "evals.jsonl" in msg

@@ -1,0 +1,124 @@
+"""Policy speed: pre-training samples/s, the data loader against the train step, and the
+latency of one action chunk (S DDIM steps) at batch 1 and 8, per U-Net preset.
+
+    python benchmarks/policy.py [--presets tiny simple paper] [--device auto] [--seconds 8]
+
+Meta-World shapes: 512-point clouds, agent_pos 9, action 4, Tp=12, To=2, Ta=8, DP3 encoder,
+S = 10. The loader column is the time to assemble a batch of windows from an in-memory
+dataset, as a share of one training step (it must stay well below 1 to keep up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sodp3d.data.store import EpisodeWriter  # noqa: E402
+from sodp3d.data.windows import WindowDataset  # noqa: E402
+from sodp3d.normalizer import MinMaxNormalizer  # noqa: E402
+from sodp3d.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
+from sodp3d.pretrain import resolve_device  # noqa: E402
+
+META = {"point_cloud": [512, 3], "agent_pos": [9], "state": [39], "action": [4]}
+
+
+def synthetic_dataset(path: str, episodes: int = 8, length: int = 200) -> None:
+    rng = np.random.default_rng(0)
+    writer = EpisodeWriter.create(path, {"tasks": {}})
+    for _ in range(episodes):
+        writer.append_episode(
+            {
+                "point_cloud": rng.uniform(-0.5, 0.5, (length, 512, 3)).astype(np.float32),
+                "agent_pos": rng.normal(size=(length, 9)).astype(np.float32),
+                "state": rng.normal(size=(length, 39)).astype(np.float32),
+                "action": rng.uniform(-1, 1, (length, 4)).astype(np.float32),
+                "reward": np.zeros(length, np.float32),
+                "success": np.zeros(length, bool),
+            },
+            "synthetic",
+        )
+
+
+def timed(fn, seconds: float, min_runs: int = 3, sync=lambda: None) -> float:
+    """Median seconds per call, running for about ``seconds`` after one warm-up call."""
+    fn()
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def bench(preset: str, device: torch.device, data: WindowDataset, seconds: float) -> dict:
+    torch.manual_seed(0)
+    config = PolicyConfig(shape_meta=META, horizon=12, n_obs_steps=2, n_action_steps=8, encoder="dp3", unet=preset)
+    policy = DiffusionPolicy(config, MinMaxNormalizer.fit(data.arrays_for_fit())).to(device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    batch_size = 256 if (device.type == "cuda" or preset != "paper") else 16
+    rng = np.random.default_rng(0)
+    batch = data.sample(batch_size, rng)
+
+    def train_step():
+        loss = policy.compute_loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step_s = timed(train_step, seconds, sync=sync)
+    load_s = timed(lambda: data.sample(batch_size, rng), min(seconds, 3.0))
+    policy.eval()
+    latency = {}
+    for b in (1, 8):
+        obs = {k: torch.as_tensor(v[:1].repeat(b, 0), device=device) for k, v in batch["obs"].items()}
+        latency[b] = timed(lambda: policy.predict_action(obs), seconds / 2, sync=sync)
+    return {
+        "preset": preset,
+        "params": sum(p.numel() for p in policy.parameters()) / 1e6,
+        "batch": batch_size,
+        "samples_s": batch_size / step_s,
+        "loader": load_s / step_s,
+        "lat1": latency[1] * 1e3,
+        "lat8": latency[8] * 1e3,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "simple", "paper"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.zarr")
+        synthetic_dataset(path)
+        data = WindowDataset([path], ["point_cloud", "agent_pos"], 12, 2, 8)
+        rows = [bench(p, device, data, args.seconds) for p in args.presets]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nPolicy speed on {name} (DP3 encoder, 512 points, Tp=12, To=2, Ta=8, S=10 DDIM steps)\n")
+    print("| preset | params (M) | train batch | train samples/s | loader / train step | chunk latency b=1 (ms) | chunk latency b=8 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['preset']} | {r['params']:.2f} | {r['batch']} | {r['samples_s']:.0f} | {r['loader']:.2%} | "
+              f"{r['lat1']:.1f} | {r['lat8']:.1f} |")
+    if device.type == "cpu" and "paper" in args.presets:
+        print("\n(paper on CPU trains with batch 16 here; it is meant for a GPU)", file=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
