@@ -84,6 +84,15 @@ def _run_eval(cfg) -> int:
     return 0
 
 
+def _run_finetune(cfg) -> int:
+    from sodp3d.finetune import finetune
+
+    r = finetune(cfg)
+    print("\n" + r["table"])
+    print(f"\nwrote {r['out']}/results.md and results.json")
+    return 0
+
+
 def format_table(rows: list[dict]) -> str:
     """A markdown table of per-task dataset rows."""
     lines = ["| task | episodes | steps | success rate | mean return | padded obs |", "|---|---:|---:|---:|---:|---:|"]
@@ -108,6 +117,13 @@ COMMANDS = {
         _run_pretrain,
         "sodp3d pretrain data=<zarr>[,<zarr>...] out=<run dir> [steps=..] [policy=tiny|simple|paper] "
         "[encoder=dp3|pointnet|state] [resume=true]",
+    ),
+    "finetune": Command(
+        "finetune",
+        "fine-tune a pre-trained planner on a task with PPO over the denoising chain plus BC",
+        _run_finetune,
+        "sodp3d finetune ckpt=<pretrained> task=<task|set> out=<run dir> [reg=bc|none|kl|pl] "
+        "[init=pretrained|scratch] [env_steps=..]",
     ),
     "eval": Command(
         "eval",
