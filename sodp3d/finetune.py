@@ -349,6 +349,11 @@ class FineTuner:
     def update(self, rollout: Rollout, episodes: int | None = None) -> dict[str, float]:
         """p_step gradient steps per collected episode on this rollout; returns diagnostics."""
         policy = self.policy
+        # A poisoned rollout must not move the weights at all: check it before any step.
+        for name, tensor in [("reward", rollout.reward), ("old_logp", rollout.old_logp), ("chains", rollout.chains),
+                             *[(f"obs['{k}']", v) for k, v in rollout.obs.items()]]:
+            if not torch.isfinite(tensor).all():
+                raise FloatingPointError(f"non-finite values in the collected {name} at update {self.updates}")
         policy.train()
         n_steps = self.p_step * (episodes if episodes is not None else max(1, len(rollout.trajectories)))
         S = rollout.chains.shape[1] - 1
@@ -356,7 +361,7 @@ class FineTuner:
         weights = self.weights(rollout.reward).to(self.device)
         sums: dict[str, float] = {}
         for _ in range(n_steps):
-            idx = torch.as_tensor(self.rng.integers(0, rollout.size, size=min(chunks_per_batch, rollout.size)))
+            idx = torch.as_tensor(self.rng.choice(rollout.size, size=min(chunks_per_batch, rollout.size), replace=False))
             obs = {k: v[idx].to(self.device) for k, v in rollout.obs.items()}
             chains = rollout.chains[idx].to(self.device)
             new_logp = chunk_log_probs(policy, self.sampler, obs, chains)
@@ -384,9 +389,9 @@ class FineTuner:
                     sums[k] = max(sums.get(k, -math.inf), v)
                 else:
                     sums[k] = sums.get(k, 0.0) + v / n_steps
+        sums["lr"] = self.scheduler.get_last_lr()[0]  # the rate these steps used
         self.scheduler.step()
         self.updates += 1
-        sums["lr"] = self.scheduler.get_last_lr()[0]
         sums["gradient_steps"] = n_steps
         return sums
 

@@ -412,9 +412,6 @@ def test_non_finite_rollout_raises_and_keeps_the_weights(what):
     assert_same_params(before, policy)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="FineTuner.update checks only each minibatch's loss, so a single poisoned "
-                   "chunk that the first minibatches miss lets optimiser steps through before the raise "
-                   "(finetune.py update(): validate the rollout up front)")
 @pytest.mark.parametrize("what", ["one_obs_inf", "one_reward_nan_unnormalised"])
 def test_one_poisoned_chunk_raises_before_any_step(what):
     policy = make_policy(7)
