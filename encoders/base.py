@@ -127,3 +127,12 @@ def point_channels(shape_meta: ShapeMeta, use_rgb: bool) -> int:
 def agent_pos_mlp(dim: int, hidden: int = 64, out: int = 64) -> nn.Sequential:
     """DP3's state MLP: Linear(Dp, 64), ReLU, Linear(64, 64). (B, Dp) -> (B, 64)."""
     return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+
+def point_layer(c_in: int, c_out: int, use_layernorm: bool = True) -> list[nn.Module]:
+    """One per-point layer of a point encoder: Linear, optional LayerNorm, ReLU."""
+    layers: list[nn.Module] = [nn.Linear(c_in, c_out)]
+    if use_layernorm:
+        layers.append(nn.LayerNorm(c_out))
+    layers.append(nn.ReLU())
+    return layers

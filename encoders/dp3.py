@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .base import Encoder, ShapeMeta, agent_pos_mlp, boolean, point_channels, positive_int, vector_dim
+from .base import Encoder, ShapeMeta, agent_pos_mlp, boolean, point_channels, point_layer, positive_int, vector_dim
 
 BLOCK_CHANNELS = (64, 128, 256)
 
@@ -54,10 +54,7 @@ class DP3Encoder(Encoder):
         layers: list[nn.Module] = []
         c_in = self.in_channels
         for c_out in BLOCK_CHANNELS:
-            layers.append(nn.Linear(c_in, c_out))
-            if use_layernorm:
-                layers.append(nn.LayerNorm(c_out))
-            layers.append(nn.ReLU())
+            layers.extend(point_layer(c_in, c_out, use_layernorm))
             c_in = c_out
         self.mlp = nn.Sequential(*layers)
         projection: list[nn.Module] = [nn.Linear(BLOCK_CHANNELS[-1], out_channels)]

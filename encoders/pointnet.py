@@ -26,15 +26,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .base import Encoder, ShapeMeta, agent_pos_mlp, boolean, point_channels, positive_int, vector_dim
+from .base import Encoder, ShapeMeta, agent_pos_mlp, boolean, point_channels, point_layer, positive_int, vector_dim
 
 
 def _stage(c_in: int, c_out: int, use_layernorm: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Linear(c_in, c_out)]
-    if use_layernorm:
-        layers.append(nn.LayerNorm(c_out))
-    layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    return nn.Sequential(*point_layer(c_in, c_out, use_layernorm))
 
 
 class PointNetEncoder(Encoder):

@@ -370,8 +370,8 @@ class FineTuner:
             loss = loss_imp if reg is None else loss_imp + self.reg_weight * reg
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"non-finite loss at update {self.updates} (L_Imp={float(loss_imp)}, "
-                    f"L_{self.reg_name}={float(reg) if reg is not None else 0.0})"
+                    f"non-finite loss at update {self.updates} (L_Imp={float(loss_imp.detach())}, "
+                    f"L_{self.reg_name}={float(reg.detach()) if reg is not None else 0.0})"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -12,14 +12,6 @@ from sodp3d.errors import UserError
 B, T, Da = 4, 8, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one intra-op thread is faster, and avoids the thread-pool
-    stalls seen on a busy 2-core machine (0.6 s instead of 3 ms per tiny forward)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _f(t, s=0.008):

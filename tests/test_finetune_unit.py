@@ -37,13 +37,6 @@ OBS = torch.tensor([0.1, -0.2, 0.3])  # the bandit's constant observation
 MODE = 0.5  # the two modes: every action +MODE or every action -MODE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one intra-op thread is faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- helpers

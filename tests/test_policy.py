@@ -26,14 +26,6 @@ SHAPE_META = {"point_cloud": [32, 3], "agent_pos": [9], "state": [39], "action":
 Tp, To, Ta, Da = 12, 2, 8, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small networks: one intra-op thread is faster and avoids thread-pool stalls on a
-    busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- helpers
