@@ -35,7 +35,6 @@ from .settings import ObsSettings, task_settings
 from .tasks import resolve_tasks, suite_of
 
 SOURCES = ("scripted", "sac")
-EPISODE_KINDS = ("noisy", "perturbed", "random")
 
 
 def episode_rng(seed: int, task: str, index: int) -> np.random.Generator:

@@ -29,7 +29,7 @@ METRIC_TOP_K = ("DP3-style: per task, the average of the {k} best of {n} evaluat
                 "({episodes} episodes each; std across those evaluations); optimistic, not a final evaluation")
 
 
-def _check_policy_fits(policy, task: str, env_cfg) -> None:
+def check_policy_fits(policy, task: str, env_cfg) -> None:
     from sodp3d.envs import make_env
 
     env = make_env(task, env_cfg)
@@ -108,7 +108,7 @@ def evaluate(policy, tasks: list[str], episodes: int, seeds: list[int], num_envs
     if not seeds:
         raise UserError("seeds must name at least one seed")
     for task in tasks:
-        _check_policy_fits(policy, task, env_cfg)
+        check_policy_fits(policy, task, env_cfg)
     t0 = time.perf_counter()
     per_task = []
     bar = tqdm(total=len(tasks) * len(seeds) * episodes, desc="eval", unit="ep", dynamic_ncols=True)

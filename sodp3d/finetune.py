@@ -89,7 +89,6 @@ def collect(policy: DiffusionPolicy, vec, sampler: DDIMSampler, seeds: list[int]
             generator: torch.Generator | None = None) -> Rollout:
     """One episode in each of the E environments (lockstep), sampling chains with eta > 0."""
     E = len(seeds)
-    To = policy.config.n_obs_steps
     t0 = time.perf_counter()
     obs, _ = vec.reset(seed=seeds)
     done = np.zeros(E, bool)
@@ -102,10 +101,10 @@ def collect(policy: DiffusionPolicy, vec, sampler: DDIMSampler, seeds: list[int]
         with torch.no_grad():
             cond = policy.condition(o)
             shape = (E, policy.config.horizon, policy.action_dim)
-            x0, chain, logp = sampler.sample(policy._denoiser(cond), shape, generator=generator, return_chain=True,
+            x0, chain, logp = sampler.sample(policy.denoiser(cond), shape, generator=generator, return_chain=True,
                                              return_log_prob=True, device=cond.device)
             action_pred = policy.normalizer.unnormalize("action", x0)
-            actions = policy._executed(action_pred)
+            actions = policy.executed(action_pred)
         obs, reward, terminated, truncated, info = vec.step(actions.cpu().numpy())
         executed = np.asarray(info["executed"])
         for e in np.nonzero(~done)[0]:
@@ -120,7 +119,6 @@ def collect(policy: DiffusionPolicy, vec, sampler: DDIMSampler, seeds: list[int]
             rec["success"] |= bool(np.asarray(info["success"])[e])
             steps += int(executed[e])
         done |= terminated | truncated
-    del To
     trajectories = []
     for rec in per_env:
         trajectories.append(Trajectory(
@@ -208,7 +206,7 @@ def chunk_log_probs(policy: DiffusionPolicy, sampler: DDIMSampler, obs: dict[str
                     chains: torch.Tensor) -> torch.Tensor:
     """(B, S) log-probabilities of stored chains under the current weights (encoder included)."""
     cond = policy.condition(obs)
-    return sampler.log_prob(policy._denoiser(cond), chains)
+    return sampler.log_prob(policy.denoiser(cond), chains)
 
 
 def ppo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, weights: torch.Tensor, clip: float):
@@ -281,9 +279,9 @@ class KLRegulariser(Regulariser):
         S = len(sampler.timesteps)
         for i in range(S):
             t, t_prev = sampler.timesteps[i], sampler.prev_timesteps[i]
-            mean, std = sampler.step_distribution(ft.policy._denoiser(cond), chains[:, i], t, t_prev)
+            mean, std = sampler.step_distribution(ft.policy.denoiser(cond), chains[:, i], t, t_prev)
             with torch.no_grad():
-                ref_mean, _ = sampler.step_distribution(ft.reference._denoiser(ref_cond), chains[:, i], t, t_prev)
+                ref_mean, _ = sampler.step_distribution(ft.reference.denoiser(ref_cond), chains[:, i], t, t_prev)
             total = total + gaussian_kl_same_std(mean, ref_mean, std).mean()
         return total / S
 
@@ -436,11 +434,11 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device) -
     from tqdm import tqdm
 
     from sodp3d.envs import make_vector_env
-    from sodp3d.evaluate import _check_policy_fits, evaluate
+    from sodp3d.evaluate import check_policy_fits, evaluate
     from sodp3d.pretrain import RunLogger
 
     policy, pretrained = _load_policy(cfg, device)
-    _check_policy_fits(policy, task, cfg.env)
+    check_policy_fits(policy, task, cfg.env)
     algo = cfg.algo
     ft = FineTuner(policy, algo, device, int(cfg.seed), reference=pretrained)
     ckpt = run / "checkpoints" / "latest.ckpt"

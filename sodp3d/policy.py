@@ -114,10 +114,12 @@ class DiffusionPolicy(nn.Module):
             flat[k] = x.reshape(B * To, *x.shape[2:])
         return self.encoder(flat).reshape(B, To * self.encoder.out_dim)
 
-    def _denoiser(self, cond: torch.Tensor):
+    def denoiser(self, cond: torch.Tensor):
+        """model_fn(x_k (B, Tp, Da), k (B,)) for the sampler, conditioned on cond (B, G)."""
         return lambda x, k: self.model(x, k, cond)
 
-    def _executed(self, action_pred: torch.Tensor) -> torch.Tensor:
+    def executed(self, action_pred: torch.Tensor) -> torch.Tensor:
+        """The Ta executed steps of a predicted (B, Tp, Da) sequence."""
         start = self.config.n_obs_steps - 1
         return action_pred[:, start : start + self.config.n_action_steps]
 
@@ -138,9 +140,9 @@ class DiffusionPolicy(nn.Module):
     def predict_action(self, obs: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         cond = self.condition(obs)
         shape = (cond.shape[0], self.config.horizon, self.action_dim)
-        x0 = self.sampler.sample(self._denoiser(cond), shape, generator=generator, device=cond.device)
+        x0 = self.sampler.sample(self.denoiser(cond), shape, generator=generator, device=cond.device)
         action_pred = self.normalizer.unnormalize("action", x0)
-        return {"action": self._executed(action_pred), "action_pred": action_pred}
+        return {"action": self.executed(action_pred), "action_pred": action_pred}
 
     def sample_chain(self, obs: dict[str, Any], sampler: DDIMSampler | None = None, generator: torch.Generator | None = None):
         """For fine-tuning: (actions (B, Ta, Da) unnormalised, chain (B, S+1, Tp, Da), cond (B, G))."""
@@ -148,10 +150,10 @@ class DiffusionPolicy(nn.Module):
         with torch.no_grad():
             cond = self.condition(obs)
             shape = (cond.shape[0], self.config.horizon, self.action_dim)
-            x0, chain = sampler.sample(self._denoiser(cond), shape, generator=generator, return_chain=True,
+            x0, chain = sampler.sample(self.denoiser(cond), shape, generator=generator, return_chain=True,
                                        device=cond.device)
-        return self._executed(self.normalizer.unnormalize("action", x0)), chain, cond
+        return self.executed(self.normalizer.unnormalize("action", x0)), chain, cond
 
     def chain_log_prob(self, cond: torch.Tensor, chain: torch.Tensor, sampler: DDIMSampler | None = None) -> torch.Tensor:
         """(B, S) log-probabilities of a stored chain's steps under the current weights."""
-        return (sampler or self.sampler).log_prob(self._denoiser(cond), chain)
+        return (sampler or self.sampler).log_prob(self.denoiser(cond), chain)

@@ -76,7 +76,7 @@ def sample_rollout(ft: FineTuner, obs: dict[str, torch.Tensor], gen: torch.Gener
     with torch.no_grad():
         cond = policy.condition(obs)
         n = cond.shape[0]
-        _, chain, logp = ft.sampler.sample(policy._denoiser(cond), (n, Tp, Da), generator=gen, return_chain=True,
+        _, chain, logp = ft.sampler.sample(policy.denoiser(cond), (n, Tp, Da), generator=gen, return_chain=True,
                                            return_log_prob=True, device=cond.device)
     x0 = policy.normalizer.unnormalize("action", chain[:, -1])
     reward = reward_fn(x0) if reward_fn is not None else torch.randn(n, generator=gen)

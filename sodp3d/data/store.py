@@ -264,6 +264,12 @@ class EpisodeDataset:
     def episode_starts(self) -> np.ndarray:
         return np.concatenate([[0], self.episode_ends[:-1]]).astype(np.int64)
 
+    def array(self, key: str) -> Any:
+        """The stored (lazy, zarr) array behind ``key``; rows past ``n_steps`` are uncommitted."""
+        if key not in self._arrays:
+            raise UserError(f"{self.path} has no '{key}'; it has: {', '.join(self.keys)}")
+        return self._arrays[key]
+
     def get(self, key: str) -> np.ndarray:
         """All committed steps of one array, in memory."""
         if key not in self._arrays:

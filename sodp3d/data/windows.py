@@ -69,7 +69,7 @@ class WindowDataset:
                 raise UserError(f"{path} lacks {', '.join(missing)}, which this policy needs; it has: {', '.join(data.keys)}")
             if data.n_episodes == 0:
                 raise UserError(f"{path} holds no episodes")
-            arrays = {k: data._arrays[k] for k in keys}
+            arrays = {k: data.array(k) for k in keys}
             these = {k: tuple(arrays[k].shape[1:]) for k in keys}
             if shapes is None:
                 shapes = these
