@@ -74,7 +74,7 @@ class ScriptedConfig:
 _ENVS: dict[tuple, Any] = {}
 
 
-def _env_for(settings: ObsSettings):
+def env_for(settings: ObsSettings):
     key = (settings.task, repr(settings))
     if key not in _ENVS:
         _ENVS[key] = make_env(settings.task, settings=settings)
@@ -89,7 +89,7 @@ def scripted_policy(task: str):
 
 def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, index: int) -> dict[str, Any]:
     """One episode of a degraded scripted policy; arrays with a leading time axis."""
-    env = _env_for(settings)
+    env = env_for(settings)
     rng = episode_rng(seed, settings.task, index)
     reset_seed = int(rng.integers(2**31 - 1))
     u = rng.random()
@@ -151,7 +151,7 @@ def _scripted_job(args: tuple) -> dict[str, Any]:
     return run_scripted_episode(*args)
 
 
-def _init_worker() -> None:
+def init_worker() -> None:
     ensure_headless_gl()
     try:
         import torch
@@ -171,7 +171,7 @@ def _positive_int(name: str, value: Any) -> int:
 def preflight(settings: ObsSettings) -> dict[str, int]:
     """Build the env and render once, so a bad camera or crop fails before anything is
     written; returns the task's per-step shapes."""
-    env = _env_for(settings)
+    env = env_for(settings)
     env.reset(seed=0)
     space = env.observation_space
     return {
@@ -280,7 +280,7 @@ def _run_jobs(source, todo, settings, cfg, seed, workers, scripted):
             yield _scripted_job(job)
         return
     ctx = mp.get_context("spawn")
-    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
+    with ctx.Pool(min(workers, len(jobs)), initializer=init_worker) as pool:
         yield from pool.imap(_scripted_job, jobs, chunksize=1)
 
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sodp3d.errors import UserError
 
-from .collect import _env_for, _init_worker, episode_rng
+from .collect import env_for, init_worker, episode_rng
 from .settings import ObsSettings
 from .suites import make_suite_env
 
@@ -124,7 +124,7 @@ def train_and_record(settings: ObsSettings, options: dict[str, Any], seed: int, 
 def render_episode(settings: ObsSettings, record: dict[str, Any]) -> tuple[np.ndarray, int]:
     """Point clouds (T, N, C) of a recorded episode, rendered from its stored states,
     and how many of them were padded."""
-    env = _env_for(settings)  # PointCloudObservation over the suite env
+    env = env_for(settings)  # PointCloudObservation over the suite env
     base = env.unwrapped
     padded_before = env.padded
     clouds = []
@@ -176,12 +176,12 @@ def run_sac_jobs(todo: list[tuple[str, int]], settings: dict[str, ObsSettings], 
     if n_proc == 1:
         records = dict(_train_job(job) for job in train)
     else:
-        with ctx.Pool(n_proc, initializer=_init_worker) as pool:
+        with ctx.Pool(n_proc, initializer=init_worker) as pool:
             records = dict(pool.imap(_train_job, train, chunksize=1))
     jobs = [(settings[t], i, records[t][i]) for t, idx in wanted.items() for i in idx]
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             yield _render_job(job)
         return
-    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
+    with ctx.Pool(min(workers, len(jobs)), initializer=init_worker) as pool:
         yield from pool.imap(_render_job, jobs, chunksize=1)

@@ -46,13 +46,6 @@ class ObsSettings:
         d["crop"] = None if self.crop is None else self.crop.as_list()
         return d
 
-    def observation_key(self) -> dict[str, Any]:
-        """What must match for two datasets' clouds to be comparable."""
-        d = self.to_dict()
-        d.pop("task")
-        d.pop("episode_length")
-        return d
-
 
 def default_env_config() -> DictConfig:
     """The packaged ``configs/env/default.yaml``."""

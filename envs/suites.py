@@ -82,12 +82,6 @@ class SuiteEnv(gym.Env):
         truncated = bool(truncated) or self._elapsed >= self.episode_length
         return self._obs(state), float(reward), bool(terminated), truncated, info
 
-    def current_observation(self) -> dict[str, np.ndarray]:
-        """The observation of the latest reset or step."""
-        if self._last_state is None:
-            raise RuntimeError("reset the env first")
-        return self._obs(self._last_state)
-
     def close(self):
         self._env.close()
 

@@ -47,6 +47,8 @@ class PointCloudObservation(gym.ObservationWrapper):
         spaces = dict(env.observation_space.spaces)
         spaces["point_cloud"] = gym.spaces.Box(-np.inf, np.inf, (settings.num_points, settings.channels), np.float32)
         self.observation_space = gym.spaces.Dict(spaces)
+        self._blank = np.zeros((settings.num_points, settings.channels), np.float32)
+        self._blank.flags.writeable = False  # shared by every suppressed observation
 
     def reset(self, *, seed=None, options=None):
         if seed is not None:
@@ -70,7 +72,7 @@ class PointCloudObservation(gym.ObservationWrapper):
     def observation(self, observation):
         obs = dict(observation)
         if self._suppressed:
-            obs["point_cloud"] = np.zeros(self.observation_space["point_cloud"].shape, np.float32)
+            obs["point_cloud"] = self._blank
         else:
             obs["point_cloud"] = self.point_cloud()
         return obs

@@ -39,6 +39,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # A writer killed mid-save leaves its temporary file behind; the new checkpoint
+    # supersedes it (one writer per run directory).
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

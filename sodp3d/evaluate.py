@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 
@@ -59,13 +58,21 @@ def evaluate_task(
     env_cfg=None,
     generator: torch.Generator | None = None,
     progress=None,
+    vec=None,
 ) -> dict[str, Any]:
-    """Run ``episodes`` episodes of ``task``; returns per-episode success and return."""
+    """Run ``episodes`` episodes of ``task``; returns per-episode success and return.
+
+    ``vec``: an open vector env of this task with the policy's chunking (the fine-tuner
+    passes its own); otherwise one of min(num_envs, episodes) envs is made and closed.
+    """
     from sodp3d.envs import make_vector_env
 
-    To, Ta = policy.config.n_obs_steps, policy.config.n_action_steps
-    n = max(1, min(num_envs, episodes))
-    vec = make_vector_env(task, n, env_cfg, asynchronous=n > 1, n_obs_steps=To, n_action_steps=Ta)
+    own = vec is None
+    if own:
+        To, Ta = policy.config.n_obs_steps, policy.config.n_action_steps
+        n = max(1, min(num_envs, episodes))
+        vec = make_vector_env(task, n, env_cfg, asynchronous=n > 1, n_obs_steps=To, n_action_steps=Ta)
+    n = vec.num_envs
     successes: list[bool] = []
     returns: list[float] = []
     steps = 0
@@ -92,7 +99,8 @@ def evaluate_task(
                 progress.update(take)
             batch += 1
     finally:
-        vec.close()
+        if own:
+            vec.close()
     return {"task": task, "seed": seed, "success": successes, "return": returns, "env_steps": steps}
 
 
@@ -129,7 +137,6 @@ def evaluate(policy, tasks: list[str], episodes: int, seeds: list[int], num_envs
                              "mean_return_std": mr_std, "per_seed_success_rate": rates, "episodes": episodes})
     finally:
         bar.close()
-    overall = [float(np.mean(t["per_seed_success_rate"])) for t in per_task]
     per_seed_avg = [float(np.mean([t["per_seed_success_rate"][i] for t in per_task])) for i in range(len(seeds))]
     avg, avg_std = _mean_std(per_seed_avg)
     seconds = time.perf_counter() - t0
@@ -137,7 +144,7 @@ def evaluate(policy, tasks: list[str], episodes: int, seeds: list[int], num_envs
         "metric": METRIC_FINAL.format(episodes=episodes),
         "seeds": list(seeds),
         "tasks": per_task,
-        "average": {"success_rate": avg, "success_rate_std": avg_std, "tasks": len(overall)},
+        "average": {"success_rate": avg, "success_rate_std": avg_std, "tasks": len(per_task)},
         "env_steps": env_steps,
         "seconds": seconds,
     }

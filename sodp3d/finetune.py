@@ -63,7 +63,6 @@ class Trajectory:
     obs: dict[str, np.ndarray]        # per chunk: (C, To, ...) observation windows
     actions: np.ndarray               # (T, Da) executed actions, in order
     chunk_starts: np.ndarray          # (C,) index of each chunk's first executed action
-    samples: np.ndarray               # (C, Tp, Da) the model's own sampled sequences (unnormalised)
     ret: float
     success: bool
 
@@ -93,30 +92,26 @@ def collect(policy: DiffusionPolicy, vec, sampler: DDIMSampler, seeds: list[int]
     obs, _ = vec.reset(seed=seeds)
     done = np.zeros(E, bool)
     per_env: list[dict[str, list]] = [{"obs": [], "chains": [], "logp": [], "reward": [], "actions": [],
-                                       "starts": [], "samples": [], "success": False} for _ in range(E)]
+                                       "starts": [], "success": False} for _ in range(E)]
     steps = 0
     policy.eval()
     while not done.all():
         o = {k: obs[k] for k in policy.obs_keys}
-        with torch.no_grad():
-            cond = policy.condition(o)
-            shape = (E, policy.config.horizon, policy.action_dim)
-            x0, chain, logp = sampler.sample(policy.denoiser(cond), shape, generator=generator, return_chain=True,
-                                             return_log_prob=True, device=cond.device)
-            action_pred = policy.normalizer.unnormalize("action", x0)
-            actions = policy.executed(action_pred)
-        obs, reward, terminated, truncated, info = vec.step(actions.cpu().numpy())
+        sampled = policy.sample_chain(o, sampler, generator, log_prob=True)
+        actions = sampled.action.cpu().numpy()
+        chain, logp = sampled.chain.cpu(), sampled.log_prob.cpu()  # one device transfer per chunk
+        obs, reward, terminated, truncated, info = vec.step(actions)
         executed = np.asarray(info["executed"])
+        success = np.asarray(info["success"], bool)
         for e in np.nonzero(~done)[0]:
             rec = per_env[e]
             rec["obs"].append({k: np.asarray(o[k][e]) for k in policy.obs_keys})
-            rec["chains"].append(chain[e].cpu())
-            rec["logp"].append(logp[e].cpu())
+            rec["chains"].append(chain[e])
+            rec["logp"].append(logp[e])
             rec["reward"].append(float(reward[e]))
             rec["starts"].append(len(rec["actions"]))
-            rec["actions"].extend(actions[e, : executed[e]].cpu().numpy())
-            rec["samples"].append(action_pred[e].cpu().numpy())
-            rec["success"] |= bool(np.asarray(info["success"])[e])
+            rec["actions"].extend(actions[e, : executed[e]])
+            rec["success"] |= bool(success[e])
             steps += int(executed[e])
         done |= terminated | truncated
     trajectories = []
@@ -125,7 +120,6 @@ def collect(policy: DiffusionPolicy, vec, sampler: DDIMSampler, seeds: list[int]
             obs={k: np.stack([c[k] for c in rec["obs"]]) for k in policy.obs_keys},
             actions=np.asarray(rec["actions"], np.float32),
             chunk_starts=np.asarray(rec["starts"], np.int64),
-            samples=np.stack(rec["samples"]).astype(np.float32),
             ret=float(sum(rec["reward"])),
             success=bool(rec["success"]),
         ))
@@ -142,11 +136,13 @@ def collect(policy: DiffusionPolicy, vec, sampler: DDIMSampler, seeds: list[int]
 
 # ---------------------------------------------------------------------------------------
 # The target buffer
-def action_windows(traj: Trajectory, horizon: int, n_obs_steps: int) -> np.ndarray:
-    """(C, Tp, Da): for each chunk, the executed actions from its first observed step on,
-    edge-padded at the episode's ends, aligned as the pre-training windows are."""
+def action_windows(traj: Trajectory, horizon: int, n_obs_steps: int, chunks: np.ndarray | None = None) -> np.ndarray:
+    """(C, Tp, Da): for each chunk (or the chosen ``chunks``), the executed actions from its
+    first observed step on, edge-padded at the episode's ends, aligned as the pre-training
+    windows are."""
     T = len(traj.actions)
-    idx = traj.chunk_starts[:, None] - (n_obs_steps - 1) + np.arange(horizon)[None]
+    starts = traj.chunk_starts if chunks is None else traj.chunk_starts[np.asarray(chunks)]
+    idx = starts[:, None] - (n_obs_steps - 1) + np.arange(horizon)[None]
     return traj.actions[np.clip(idx, 0, T - 1)]
 
 
@@ -183,12 +179,12 @@ class TargetBuffer:
         owner = np.searchsorted(np.cumsum(counts), flat, side="right")
         local = flat - np.concatenate([[0], np.cumsum(counts)[:-1]])[owner]
         obs = {k: np.stack([pool[o].obs[k][i] for o, i in zip(owner, local)]) for k in pool[0].obs}
-        acts = np.stack([action_windows(pool[o], horizon, n_obs_steps)[i] for o, i in zip(owner, local)])
+        acts = np.stack([action_windows(pool[o], horizon, n_obs_steps, [i])[0] for o, i in zip(owner, local)])
         return {"obs": obs, "action": acts.astype(np.float32)}
 
     def state(self) -> list[dict[str, Any]]:
         return [{"obs": {k: torch.as_tensor(v) for k, v in t.obs.items()}, "actions": torch.as_tensor(t.actions),
-                 "chunk_starts": torch.as_tensor(t.chunk_starts), "samples": torch.as_tensor(t.samples),
+                 "chunk_starts": torch.as_tensor(t.chunk_starts),
                  "ret": t.ret, "success": t.success} for t in self.trajectories]
 
     def load(self, state: list[dict[str, Any]]) -> None:
@@ -196,7 +192,7 @@ class TargetBuffer:
         for s in state:
             self.trajectories.append(Trajectory(
                 obs={k: v.numpy() for k, v in s["obs"].items()}, actions=s["actions"].numpy(),
-                chunk_starts=s["chunk_starts"].numpy(), samples=s["samples"].numpy(),
+                chunk_starts=s["chunk_starts"].numpy(),
                 ret=float(s["ret"]), success=bool(s["success"])))
 
 
@@ -205,8 +201,7 @@ class TargetBuffer:
 def chunk_log_probs(policy: DiffusionPolicy, sampler: DDIMSampler, obs: dict[str, torch.Tensor],
                     chains: torch.Tensor) -> torch.Tensor:
     """(B, S) log-probabilities of stored chains under the current weights (encoder included)."""
-    cond = policy.condition(obs)
-    return sampler.log_prob(policy.denoiser(cond), chains)
+    return policy.chain_log_prob(policy.condition(obs), chains, sampler)
 
 
 def ppo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, weights: torch.Tensor, clip: float):
@@ -272,18 +267,17 @@ class KLRegulariser(Regulariser):
     def loss(self, obs, chains, rollout):
         ft = self.ft
         sampler = ft.sampler
-        cond = ft.policy.condition(obs)
+        # All S steps of every chain as one batch of B * S, for both models.
+        B, S = chains.shape[0], chains.shape[1] - 1
+        x_t = chains[:, :-1].reshape(B * S, *chains.shape[2:])
+        t = torch.as_tensor(sampler.timesteps, device=chains.device).repeat(B)
+        t_prev = torch.as_tensor(sampler.prev_timesteps, device=chains.device).repeat(B)
+        cond = ft.policy.condition(obs).repeat_interleave(S, dim=0)
+        mean, std = sampler.step_distribution(ft.policy.denoiser(cond), x_t, t, t_prev)
         with torch.no_grad():
-            ref_cond = ft.reference.condition(obs)
-        total = 0.0
-        S = len(sampler.timesteps)
-        for i in range(S):
-            t, t_prev = sampler.timesteps[i], sampler.prev_timesteps[i]
-            mean, std = sampler.step_distribution(ft.policy.denoiser(cond), chains[:, i], t, t_prev)
-            with torch.no_grad():
-                ref_mean, _ = sampler.step_distribution(ft.reference.denoiser(ref_cond), chains[:, i], t, t_prev)
-            total = total + gaussian_kl_same_std(mean, ref_mean, std).mean()
-        return total / S
+            ref_cond = ft.reference.condition(obs).repeat_interleave(S, dim=0)
+            ref_mean, _ = sampler.step_distribution(ft.reference.denoiser(ref_cond), x_t, t, t_prev)
+        return gaussian_kl_same_std(mean, ref_mean, std).mean()
 
 
 class PLRegulariser(Regulariser):
@@ -405,7 +399,7 @@ class FineTuner:
         self.buffer.load(payload["buffer"])
         self.updates = int(payload["updates"])
         self.rng.bit_generator.state = payload["rng"]
-        self.torch_gen.set_state(payload["torch_gen"])
+        self.torch_gen.set_state(payload["torch_gen"].cpu())  # generator states are CPU byte tensors
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,7 +428,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device) -
     from tqdm import tqdm
 
     from sodp3d.envs import make_vector_env
-    from sodp3d.evaluate import check_policy_fits, evaluate
+    from sodp3d.evaluate import check_policy_fits, evaluate_task
     from sodp3d.pretrain import RunLogger
 
     policy, pretrained = _load_policy(cfg, device)
@@ -463,11 +457,12 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device) -
                                "finetune_state": state, **ft.state()})
 
     def run_eval(tag: str) -> float:
-        r = evaluate(ft.policy, [task], int(cfg.eval.episodes), [int(cfg.seed)], E, cfg.env)
-        rate = r["tasks"][0]["success_rate"]
-        state["evals"].append({"tag": tag, "env_steps": state["env_steps"], "success_rate": rate,
-                               "mean_return": r["tasks"][0]["mean_return"]})
-        logger.log({"eval/success_rate": rate, "eval/mean_return": r["tasks"][0]["mean_return"]}, state["env_steps"])
+        """``sodp3d eval``'s protocol on the fine-tuner's own environments."""
+        gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+        r = evaluate_task(ft.policy, task, int(cfg.eval.episodes), int(cfg.seed), E, generator=gen, vec=vec)
+        rate, ret = float(np.mean(r["success"])), float(np.mean(r["return"]))
+        state["evals"].append({"tag": tag, "env_steps": state["env_steps"], "success_rate": rate, "mean_return": ret})
+        logger.log({"eval/success_rate": rate, "eval/mean_return": ret}, state["env_steps"])
         return rate
 
     bar = tqdm(total=budget, initial=min(state["env_steps"], budget), desc=f"finetune {task} ({ft.reg_name})",

@@ -6,7 +6,8 @@ Da action dim, F encoder features per step, G = To * F conditioning dim, S sampl
 
   compute_loss(batch)        denoising loss (eq. 7) on {'obs': {k: (B, To, ...)}, 'action': (B, Tp, Da)}
   predict_action(obs)        {'action': (B, Ta, Da), 'action_pred': (B, Tp, Da)}, unnormalised
-  sample_chain(obs, ...)     actions plus the whole DDIM chain (B, S+1, Tp, Da) and the condition (B, G)
+  sample_chain(obs, ...)     ChainSample: actions, the whole DDIM chain (B, S+1, Tp, Da), the condition (B, G)
+                             and optionally the per-step log-probabilities (B, S)
   chain_log_prob(cond, chain)  per-step Gaussian log-probabilities (B, S) under the current weights
 
 The executed actions are steps To-1 .. To-2+Ta of the predicted Tp (the step of the
@@ -28,6 +29,17 @@ from sodp3d.encoders import build_encoder
 from sodp3d.errors import UserError
 from sodp3d.normalizer import MinMaxNormalizer
 from sodp3d.unet import build_unet
+
+
+@dataclass
+class ChainSample:
+    """What ``sample_chain`` returns."""
+
+    action: torch.Tensor                # (B, Ta, Da) executed actions, unnormalised
+    action_pred: torch.Tensor           # (B, Tp, Da) the whole predicted sequence, unnormalised
+    chain: torch.Tensor                 # (B, S+1, Tp, Da) x_S .. x_0, normalised action space
+    cond: torch.Tensor                  # (B, G)
+    log_prob: torch.Tensor | None       # (B, S) per-step log-probabilities, when asked for
 
 
 @dataclass
@@ -144,16 +156,31 @@ class DiffusionPolicy(nn.Module):
         action_pred = self.normalizer.unnormalize("action", x0)
         return {"action": self.executed(action_pred), "action_pred": action_pred}
 
-    def sample_chain(self, obs: dict[str, Any], sampler: DDIMSampler | None = None, generator: torch.Generator | None = None):
-        """For fine-tuning: (actions (B, Ta, Da) unnormalised, chain (B, S+1, Tp, Da), cond (B, G))."""
+    def sample_chain(self, obs: dict[str, Any], sampler: DDIMSampler | None = None,
+                     generator: torch.Generator | None = None, log_prob: bool = False) -> ChainSample:
+        """For fine-tuning: actions plus the whole denoising chain, and with ``log_prob`` the
+        per-step log-probabilities of the sampled steps (needs a stochastic sampler)."""
         sampler = sampler or self.sampler
         with torch.no_grad():
             cond = self.condition(obs)
             shape = (cond.shape[0], self.config.horizon, self.action_dim)
-            x0, chain = sampler.sample(self.denoiser(cond), shape, generator=generator, return_chain=True,
-                                       device=cond.device)
-        return self.executed(self.normalizer.unnormalize("action", x0)), chain, cond
+            out = sampler.sample(self.denoiser(cond), shape, generator=generator, return_chain=True,
+                                 return_log_prob=log_prob, device=cond.device)
+        x0, chain = out[0], out[1]
+        action_pred = self.normalizer.unnormalize("action", x0)
+        return ChainSample(self.executed(action_pred), action_pred, chain, cond, out[2] if log_prob else None)
 
     def chain_log_prob(self, cond: torch.Tensor, chain: torch.Tensor, sampler: DDIMSampler | None = None) -> torch.Tensor:
-        """(B, S) log-probabilities of a stored chain's steps under the current weights."""
-        return (sampler or self.sampler).log_prob(self.denoiser(cond), chain)
+        """(B, S) log-probabilities of a stored chain's steps under the current weights.
+
+        All S steps go through the U-Net as one batch of B * S (GroupNorm and the encoder
+        work per sample, so this equals scoring the steps one after another)."""
+        sampler = sampler or self.sampler
+        B, S = chain.shape[0], chain.shape[1] - 1
+        if chain.ndim != 4 or S != len(sampler.timesteps):
+            raise UserError(f"denoising chain has shape {tuple(chain.shape)}; expected (B, {len(sampler.timesteps) + 1}, Tp, Da)")
+        x_t = chain[:, :-1].reshape(B * S, *chain.shape[2:])
+        x_next = chain[:, 1:].reshape(B * S, *chain.shape[2:])
+        steps = torch.arange(S, device=chain.device).repeat(B)
+        model_fn = self.denoiser(cond.repeat_interleave(S, dim=0))
+        return sampler.log_prob_of_step(model_fn, x_t, x_next, steps).reshape(B, S)

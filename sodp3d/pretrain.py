@@ -62,15 +62,22 @@ def _suite_of_data(paths: list[str]) -> str:
     return suites.pop() if len(suites) == 1 else "metaworld"
 
 
+def horizons(cfg: DictConfig, suite: str) -> tuple[int, int, int]:
+    """(Tp, To, Ta): the suite's defaults unless the config sets them."""
+    defaults = HORIZONS[suite]
+    keys = ("horizon", "n_obs_steps", "n_action_steps")
+    return tuple(int(cfg[k]) if cfg.get(k) is not None else d for k, d in zip(keys, defaults))  # type: ignore[return-value]
+
+
 def policy_config(cfg: DictConfig, shape_meta: dict[str, list[int]], suite: str) -> PolicyConfig:
-    Tp, To, Ta = HORIZONS[suite]
+    Tp, To, Ta = horizons(cfg, suite)
     enc = OmegaConf.to_container(cfg.encoder, resolve=True)
     pol = OmegaConf.to_container(cfg.policy, resolve=True)
     return PolicyConfig(
         shape_meta=shape_meta,
-        horizon=int(cfg.horizon if cfg.get("horizon") is not None else Tp),
-        n_obs_steps=int(cfg.n_obs_steps if cfg.get("n_obs_steps") is not None else To),
-        n_action_steps=int(cfg.n_action_steps if cfg.get("n_action_steps") is not None else Ta),
+        horizon=Tp,
+        n_obs_steps=To,
+        n_action_steps=Ta,
         encoder=str(enc.pop("name")),
         encoder_kwargs=enc,
         unet=str(pol.get("unet")),
@@ -157,7 +164,7 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         self.step = int(payload["step"])
         self.rng.bit_generator.state = payload["rng"]
-        self.torch_gen.set_state(payload["torch_gen"].cpu() if self.device.type == "cpu" else payload["torch_gen"])
+        self.torch_gen.set_state(payload["torch_gen"].cpu())  # generator states are CPU byte tensors
 
 
 def _same_policy(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -212,11 +219,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     if enc_name not in ENCODERS:
         raise UserError(f"unknown encoder '{enc_name}'; valid: {', '.join(ENCODERS)}")
     suite = _suite_of_data(paths)
-    Tp, To, Ta = HORIZONS[suite]
-    horizon = int(cfg.horizon) if cfg.get("horizon") is not None else Tp
-    To = int(cfg.n_obs_steps) if cfg.get("n_obs_steps") is not None else To
-    Ta = int(cfg.n_action_steps) if cfg.get("n_action_steps") is not None else Ta
-    dataset = WindowDataset(paths, ENCODERS[enc_name].keys, horizon, To, Ta)
+    dataset = WindowDataset(paths, ENCODERS[enc_name].keys, *horizons(cfg, suite))
     shape_meta = {k: list(v) for k, v in dataset.shapes.items()}
     config = policy_config(cfg, shape_meta, suite)
 
@@ -266,14 +269,12 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
 
     bar = tqdm(total=steps, initial=trainer.step, desc="pretrain", unit="step", dynamic_ncols=True)
     t0, seen, losses = time.perf_counter(), 0, []
-    first_loss = None
     try:
         while trainer.step < steps:
             try:
                 loss = trainer.train_step(dataset, int(cfg.batch_size))
             except FloatingPointError as e:
                 raise UserError(f"training diverged ({e}); the last good checkpoint is {ckpt}") from None
-            first_loss = loss if first_loss is None else first_loss
             losses.append(loss)
             seen += int(cfg.batch_size)
             if trainer.step % int(cfg.log_every) == 0 or trainer.step == steps:
@@ -295,4 +296,4 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         bar.close()
         logger.close()
     return {"run": str(run), "checkpoint": str(ckpt), "steps": trainer.step, "params": n_params,
-            "windows": len(dataset), "first_loss": first_loss, "seconds": time.perf_counter() - t0}
+            "windows": len(dataset), "seconds": time.perf_counter() - t0}

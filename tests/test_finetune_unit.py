@@ -106,7 +106,7 @@ def trajectory(actions: np.ndarray, starts, ret: float = 0.0, success: bool = Fa
     else:
         obs = np.full((C, To, Ds), obs_value, np.float32)
     return Trajectory(obs={"state": obs}, actions=np.asarray(actions, np.float32),
-                      chunk_starts=np.asarray(starts, np.int64), samples=np.zeros((C, Tp, Da), np.float32),
+                      chunk_starts=np.asarray(starts, np.int64),
                       ret=float(ret), success=bool(success))
 
 

@@ -402,7 +402,8 @@ def test_policy_loss_gradients_actions_and_chain(encoder, preset):
 
     # -- chains and their log-probs (stochastic DDIM, eta = 1)
     sampler = DDIMSampler(policy.schedule, num_steps=S, eta=1.0, min_std=0.1)
-    actions, chain, cond = policy.sample_chain(obs, sampler=sampler, generator=torch.Generator().manual_seed(4))
+    sampled = policy.sample_chain(obs, sampler=sampler, generator=torch.Generator().manual_seed(4))
+    actions, chain, cond = sampled.action, sampled.chain, sampled.cond
     assert chain.shape == (B, S + 1, Tp, Da)
     assert cond.shape == (B, policy.cond_dim)
     assert actions.shape == (B, Ta, Da)
@@ -470,21 +471,13 @@ def test_config_nonpositive_horizons(field):
         make_config(**{field: 0}).validate()
 
 
-def test_config_unknown_encoder_lists_valid_names():
+@pytest.mark.parametrize("field,bad,valid", [("encoder", "pointnet++", encoder_names), ("unet", "huge", preset_names)])
+def test_config_unknown_name_lists_valid_names(field, bad, valid):
     with pytest.raises(UserError) as err:
-        DiffusionPolicy(make_config(encoder="pointnet++"))
+        DiffusionPolicy(make_config(**{field: bad}))
     msg = str(err.value)
-    assert "pointnet++" in msg
-    for name in encoder_names():
-        assert name in msg
-
-
-def test_config_unknown_unet_preset_lists_valid_names():
-    with pytest.raises(UserError) as err:
-        DiffusionPolicy(make_config(unet="huge"))
-    msg = str(err.value)
-    assert "huge" in msg
-    for name in preset_names():
+    assert bad in msg
+    for name in valid():
         assert name in msg
 
 

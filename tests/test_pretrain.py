@@ -106,9 +106,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(dataset, tmp_path):
         proc.wait()
     step = load_checkpoint(ckpt)["step"]  # readable: the write was atomic
     assert step >= 6 and step % 3 == 0
-    assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")] or True
+    (ckpt.parent / f".{ckpt.name}.killed.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves
     assert pretrain(dataset, run, f"steps={step + 4}", "checkpoint_every=3", "resume=true") == 0
     assert load_checkpoint(ckpt)["step"] == step + 4
+    assert not [p.name for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")], "stale temporary files remain"
 
 
 def test_wandb_offline_needs_no_network(dataset, tmp_path):
