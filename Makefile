@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml scripts/install.sh
 	@touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/sodp3d collect out=runs/demo/data.zarr
+	$(VENV)/bin/sodp3d demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -137,6 +137,21 @@ class MetaWorldEnv(SuiteEnv):
             [d.body("hand").xpos, d.site("leftEndEffector").xpos, d.site("rightEndEffector").xpos]
         )
 
+    def end_effector(self) -> np.ndarray:
+        """(3,) world xyz of the hand."""
+        return self.data.body("hand").xpos.copy()
+
+    def predicted_path(self, actions: np.ndarray) -> np.ndarray | None:
+        """(T+1, 3): where the hand goes under ``actions`` (T, 4) from now, ignoring contacts.
+
+        Meta-World moves the mocap target by action[:3] * action_scale per step, inside
+        the mocap box; the hand follows it."""
+        raw = self._env
+        pos = [self.end_effector()]
+        for a in np.asarray(actions, dtype=np.float64):
+            pos.append(np.clip(pos[-1] + np.clip(a[:3], -1, 1) * raw.action_scale, raw.mocap_low, raw.mocap_high))
+        return np.stack(pos)
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         if seed is not None:
@@ -178,6 +193,14 @@ class AdroitEnv(SuiteEnv):
 
     def agent_pos(self) -> np.ndarray:
         return self.data.qpos[self._qpos_index].copy()
+
+    def end_effector(self) -> np.ndarray:
+        """(3,) world xyz of the palm."""
+        return self.data.body("palm").xpos.copy()
+
+    def predicted_path(self, actions: np.ndarray) -> None:
+        """Adroit actions are joint targets: no cheap end-effector prediction."""
+        return None
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

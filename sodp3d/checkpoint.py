@@ -73,3 +73,26 @@ def policy_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the policy its config describes ({str(e).splitlines()[0]})") from None
     return policy.to(device).eval(), payload
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's ``checkpoints/latest.ckpt``."""
+    p = Path(str(path))
+    return p / "checkpoints" / "latest.ckpt" if p.is_dir() else p
+
+
+def acting_env_config(env_cfg: Any, payload: dict[str, Any]) -> Any:
+    """The observation settings to act with: the user's when they changed any setting,
+    otherwise those the checkpoint was trained with (so a run made with, say, 128 points
+    is evaluated with 128 points without repeating the override)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from sodp3d.envs.settings import default_env_config
+
+    trained = (payload.get("train_config") or {}).get("env")
+    if trained is None:
+        return env_cfg
+    given = OmegaConf.to_container(env_cfg, resolve=True) if isinstance(env_cfg, DictConfig) else env_cfg
+    if given is None or given == OmegaConf.to_container(default_env_config(), resolve=True):
+        return OmegaConf.create(trained)
+    return env_cfg

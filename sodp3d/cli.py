@@ -48,16 +48,14 @@ def _run_eval(cfg) -> int:
 
     from omegaconf import OmegaConf
 
-    from sodp3d.checkpoint import policy_from_checkpoint
+    from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_checkpoint
     from sodp3d.envs import resolve_tasks
     from sodp3d.evaluate import evaluate, results_markdown, write_results
     from sodp3d.pretrain import resolve_device
 
     if cfg.get("ckpt") in (None, "???"):
         raise UserError("no checkpoint; pass ckpt=<file or run dir>")
-    ckpt = Path(str(cfg.ckpt))
-    if ckpt.is_dir():
-        ckpt = ckpt / "checkpoints" / "latest.ckpt"
+    ckpt = checkpoint_path(cfg.ckpt)
     if str(cfg.metric) not in ("final", "top5"):
         raise UserError(f"unknown metric '{cfg.metric}'; valid: final, top5")
     if cfg.metric == "top5":
@@ -74,9 +72,11 @@ def _run_eval(cfg) -> int:
     seeds = OmegaConf.to_container(cfg.seeds) if not isinstance(cfg.seeds, int) else [cfg.seeds]
     if not isinstance(cfg.episodes, int) or not isinstance(cfg.num_envs, int) or cfg.num_envs <= 0:
         raise UserError(f"episodes and num_envs must be positive integers, got {cfg.episodes!r}, {cfg.num_envs!r}")
-    policy, _ = policy_from_checkpoint(ckpt, device=resolve_device(str(cfg.device)), use_ema=bool(cfg.use_ema))
-    results = evaluate(policy, tasks, cfg.episodes, [int(s) for s in seeds], cfg.num_envs, cfg.env)
-    results["checkpoint"] = str(ckpt)
+    policy, payload = policy_from_checkpoint(ckpt, device=resolve_device(str(cfg.device)), use_ema=bool(cfg.use_ema))
+    results = evaluate(policy, tasks, cfg.episodes, [int(s) for s in seeds], cfg.num_envs,
+                       acting_env_config(cfg.env, payload))
+    results.update({"kind": "eval", "checkpoint": str(ckpt), "encoder": policy.config.encoder,
+                    "unet": policy.config.unet})
     out = Path(str(cfg.out)) if cfg.get("out") else ckpt.parent.parent / "eval"
     js, md = write_results(results, out)
     print("\n" + results_markdown(results))
@@ -93,6 +93,44 @@ def _run_finetune(cfg) -> int:
     return 0
 
 
+def _run_demo(cfg) -> int:
+    from sodp3d.demo import demo
+
+    r = demo(cfg)
+    print("\n" + r["table"])
+    print(f"\neverything is in {r['run']}/: results.md, results.json, curves.png, rollout.gif, rollout.html, "
+          "dataset.png, config.yaml, data.zarr, pretrain/, finetune/")
+    return 0
+
+
+def _run_viz(cfg) -> int:
+    from sodp3d.viz import viz
+
+    r = viz(cfg)
+    if r["kind"] == "data":
+        print("| episode | task | steps | success | return |\n|---:|---|---:|---|---:|")
+        for row in r["rows"]:
+            ok = "-" if row["success"] is None else ("yes" if row["success"] else "no")
+            ret = "-" if row["return"] is None else f"{row['return']:.1f}"
+            print(f"| {row['episode']} | {row['task']} | {row['steps']} | {ok} | {ret} |")
+    else:
+        print("| task | seed | steps | success | return |\n|---|---:|---:|---|---:|")
+        for row in r["rows"]:
+            print(f"| {row['task']} | {row['seed']} | {row['steps']} | {'yes' if row['success'] else 'no'} "
+                  f"| {row['return']:.1f} |")
+    print("\nwrote " + ", ".join(r["files"]))
+    return 0
+
+
+def _run_report(cfg) -> int:
+    from sodp3d.report import report
+
+    r = report(cfg)
+    print(r["text"])
+    print("\nwrote " + ", ".join(r["files"]))
+    return 0
+
+
 def format_table(rows: list[dict]) -> str:
     """A markdown table of per-task dataset rows."""
     lines = ["| task | episodes | steps | success rate | mean return | padded obs |", "|---|---:|---:|---:|---:|---:|"]
@@ -105,6 +143,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 COMMANDS = {
+    "demo": Command(
+        "demo",
+        "the whole method end to end on a few tasks (collect, pre-train, fine-tune, evaluate, plots)",
+        _run_demo,
+        "sodp3d demo [name=demo] [tasks=[..]] [encoder=dp3|pointnet] [policy=tiny|simple|paper] [algo=cpu|sodp] "
+        "[experiment=smoke] [reg=bc|none|kl|pl]",
+    ),
     "collect": Command(
         "collect",
         "collect a sub-optimal multi-task point-cloud dataset into zarr",
@@ -131,6 +176,18 @@ COMMANDS = {
         _run_eval,
         "sodp3d eval ckpt=<path> task=<task|set|[list]> [episodes=50] [seeds=[0,1,2]] [out=<dir>]",
     ),
+    "viz": Command(
+        "viz",
+        "draw a rollout as the policy sees it (GIF + interactive HTML), or episodes of a dataset (PNG)",
+        _run_viz,
+        "sodp3d viz ckpt=<checkpoint or run dir> [task=<task>] [episodes=1] [seed=0]  |  sodp3d viz data=<path.zarr>",
+    ),
+    "report": Command(
+        "report",
+        "gather runs (seeds, regularisers, encoders, tasks) into one table (mean and std) and plots",
+        _run_report,
+        "sodp3d report runs=[<run dir>,...] [out=runs/report]",
+    ),
 }
 
 
@@ -155,6 +212,14 @@ def compose(name: str, overrides: list[str]):
         raise UserError(f"bad override: {first}") from None
 
 
+def config_groups(name: str) -> list[tuple[str, str | None]]:
+    """(group, default option) of the config groups a command's yaml composes."""
+    import yaml
+
+    defaults = yaml.safe_load((config_dir() / f"{name}.yaml").read_text()).get("defaults", [])
+    return [(next(iter(d)), next(iter(d.values()))) for d in defaults if isinstance(d, dict)]
+
+
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: sodp3d <command> [key=value ...]", "", "commands:"]
@@ -167,12 +232,16 @@ def _command_help(cmd: Command) -> str:
     from omegaconf import OmegaConf
 
     cfg = compose(cmd.name, [])
-    groups = sorted(p.name for p in config_dir().iterdir() if p.is_dir() and not p.name.startswith("_"))
-    listed = [f"  {g}: {', '.join(sorted(f.stem for f in (config_dir() / g).glob('*.yaml')))}" for g in groups
-              if g in cfg]
+    listed = [f"  {g}: {', '.join(sorted(f.stem for f in (config_dir() / g).glob('*.yaml')))}"
+              + (f"  (default: {default})" if default else "") for g, default in config_groups(cmd.name)]
     text = f"usage: {cmd.usage}\n\n{cmd.summary}.\n\n"
     if listed:
         text += "Config groups (choose with group=name):\n" + "\n".join(listed) + "\n\n"
+    if any(k in cfg.keys() for k in ("task", "tasks")):
+        from sodp3d.envs import task_sets
+
+        text += ("Tasks (task=<name>, a set, or [a,b]): the 50 Meta-World v3 tasks (reach-v3, ...), "
+                 "adroit-door, adroit-hammer, adroit-pen; sets " + ", ".join(task_sets()) + ".\n\n")
     return text + "Options (defaults shown; override with key=value):\n\n" + OmegaConf.to_yaml(cfg, resolve=False)
 
 

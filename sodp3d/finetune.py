@@ -406,12 +406,9 @@ class FineTuner:
 # The command
 def _load_policy(cfg: DictConfig, device: torch.device) -> tuple[DiffusionPolicy, DiffusionPolicy]:
     """(policy to fine-tune, the pre-trained policy as loaded) from cfg.ckpt and cfg.init."""
-    from sodp3d.checkpoint import policy_from_checkpoint
+    from sodp3d.checkpoint import checkpoint_path, policy_from_checkpoint
 
-    ckpt = Path(str(cfg.ckpt))
-    if ckpt.is_dir():
-        ckpt = ckpt / "checkpoints" / "latest.ckpt"
-    pretrained, _ = policy_from_checkpoint(ckpt, device=device, use_ema=True)
+    pretrained, _ = policy_from_checkpoint(checkpoint_path(cfg.ckpt), device=device, use_ema=True)
     init = str(cfg.init)
     if init == "pretrained":
         return copy.deepcopy(pretrained), pretrained
@@ -443,6 +440,14 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device) -
         payload = load_checkpoint(ckpt, map_location=device)
         ft.load(payload)
         state = payload["finetune_state"]
+    def summary(final: float | None) -> dict[str, Any]:
+        return {"task": task, "reg": ft.reg_name, "init": str(cfg.init), "env_steps": state["env_steps"],
+                "pretrained_success": state["pretrained_eval"], "finetuned_success": final,
+                "updates": ft.updates, "history": state["history"], "evals": state["evals"]}
+
+    done = next((e["success_rate"] for e in state["evals"] if e["tag"] == "final"), None)
+    if done is not None and state["env_steps"] >= int(cfg.env_steps):
+        return summary(done)  # a finished run: nothing to do
     run.mkdir(parents=True, exist_ok=True)
     logger = RunLogger(run, cfg, f"{run.parent.name}-{task}")
     E = int(cfg.num_envs)
@@ -516,9 +521,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device) -
         bar.close()
         vec.close()
         logger.close()
-    return {"task": task, "reg": ft.reg_name, "init": str(cfg.init), "env_steps": state["env_steps"],
-            "pretrained_success": state["pretrained_eval"], "finetuned_success": final,
-            "updates": ft.updates, "history": state["history"], "evals": state["evals"]}
+    return summary(final)
 
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
@@ -542,18 +545,44 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         run = out / task if len(tasks) > 1 else out
         summaries.append(finetune_task(cfg, task, run, device))
     table = results_table(summaries, int(cfg.eval.episodes))
+    results = results_record(cfg, summaries)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(
-        [{k: v for k, v in s.items() if k != "history"} for s in summaries], indent=2))
-    return {"out": str(out), "table": table, "summaries": summaries}
+    write_atomic(out / "results.md", table + "\n")
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
+    return {"out": str(out), "table": table, "summaries": summaries, "results": results}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def results_record(cfg: DictConfig, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``sodp3d report`` reads: the run's variant (seed, regulariser, init, encoder,
+    U-Net) and per task the success before and after fine-tuning, with the learning curve."""
+    from sodp3d.checkpoint import checkpoint_path, load_checkpoint
+
+    pc = load_checkpoint(checkpoint_path(cfg.ckpt)).get("policy_config", {})
+    return {
+        "kind": "finetune",
+        "metric": METRIC.format(episodes=int(cfg.eval.episodes)),
+        "eval_episodes": int(cfg.eval.episodes),
+        "seed": int(cfg.seed), "reg": str(cfg.algo.reg), "init": str(cfg.init),
+        "encoder": pc.get("encoder"), "unet": pc.get("unet"), "ckpt": str(cfg.ckpt),
+        "env_steps": int(cfg.env_steps),
+        "tasks": summaries,
+    }
+
+
+METRIC = "final evaluation, success rate over {episodes} episodes (DDIM eta = 0), before and after fine-tuning"
 
 
 def results_table(summaries: list[dict[str, Any]], episodes: int) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
 
-    lines = [f"Metric: final evaluation, success rate over {episodes} episodes (DDIM eta = 0), before and after fine-tuning.",
+    lines = [f"Metric: {METRIC.format(episodes=episodes)}.",
              "", "| task | reg | init | env steps | pre-trained | fine-tuned |", "|---|---|---|---:|---:|---:|"]
     for s in summaries:
         lines.append(f"| {s['task']} | {s['reg']} | {s['init']} | {s['env_steps']} | {pct(s['pretrained_success'])} "

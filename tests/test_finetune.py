@@ -55,8 +55,11 @@ def test_a_set_fine_tunes_each_task_and_writes_one_table(pretrained, tmp_path):
     assert "| reach-v3 | bc | pretrained |" in table and "| push-v3 | bc | pretrained |" in table
     assert "final evaluation" in table
     results = json.loads((out / "results.json").read_text())
-    assert [r["task"] for r in results] == ["reach-v3", "push-v3"]
-    assert all(r["pretrained_success"] is not None and r["finetuned_success"] is not None for r in results)
+    assert results["kind"] == "finetune" and results["reg"] == "bc" and results["encoder"] == "dp3"
+    assert [r["task"] for r in results["tasks"]] == ["reach-v3", "push-v3"]
+    for r in results["tasks"]:
+        assert r["pretrained_success"] is not None and r["finetuned_success"] is not None
+        assert [h["env_steps"] for h in r["history"]] == sorted(h["env_steps"] for h in r["history"])
 
 
 @pytest.mark.parametrize("reg", ["none", "kl", "pl"])

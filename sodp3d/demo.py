@@ -1,0 +1,157 @@
+"""``sodp3d demo``: the whole method end to end, on one machine, in one directory.
+
+    collect   sub-optimal scripted episodes of several tasks      -> data.zarr
+    pretrain  one planner on their union, reward-free              -> pretrain/
+    finetune  per task: evaluate, PPO + BC, evaluate again         -> finetune/<task>/
+    report    table, learning curves, a point-cloud rollout        -> results.*, curves.png, rollout.*
+
+Every stage is the same code as its own command, composed from that command's config
+with the demo's sections merged in; a re-run (``resume=true``) continues from the last
+finished work of each stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sodp3d.errors import UserError
+
+
+def _sub_config(name: str, cfg: DictConfig, section: str, extra: dict[str, Any],
+                groups: tuple[str, ...] = ()) -> DictConfig:
+    """The command's own config with the demo's section and ``extra`` merged in, and the
+    demo's env and the named config groups put in place of the command's (replaced
+    whole, so no key of the command's default group survives)."""
+    from sodp3d.cli import compose
+
+    base = compose(name, [])
+    OmegaConf.set_struct(base, False)
+    merged = OmegaConf.merge(base, OmegaConf.to_container(cfg.get(section) or {}, resolve=True), extra)
+    for group in ("env",) + groups:
+        merged[group] = OmegaConf.to_container(cfg[group], resolve=True)
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def _stage(label: str) -> None:
+    print(f"\n== {label}", flush=True)
+
+
+def demo_paths(cfg: DictConfig) -> dict[str, Path]:
+    run = Path(str(cfg.root)) / str(cfg.name)
+    return {"run": run, "data": run / "data.zarr", "pretrain": run / "pretrain", "finetune": run / "finetune"}
+
+
+def demo(cfg: DictConfig) -> dict[str, Any]:
+    from sodp3d.cli import format_table
+    from sodp3d.data.store import EpisodeDataset
+    from sodp3d.envs import resolve_tasks
+    from sodp3d.envs.collect import collect
+    from sodp3d.finetune import finetune
+    from sodp3d.plots import finetune_curves
+    from sodp3d.pretrain import pretrain
+
+    tasks = resolve_tasks(cfg.tasks)
+    ft_tasks = resolve_tasks(cfg.finetune_tasks) if cfg.get("finetune_tasks") is not None else tasks
+    paths = demo_paths(cfg)
+    run = paths["run"]
+    if run.exists() and any(run.iterdir()) and not cfg.resume:
+        raise UserError(f"{run} already holds a demo; pass resume=true to continue it, or another name=")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    timing_file = run / "seconds.json"  # per stage, summed over resumed invocations
+    seconds: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+
+    def timed(stage: str, t0: float) -> None:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
+        tmp = run / ".seconds.json.tmp"
+        tmp.write_text(json.dumps(seconds))
+        tmp.replace(timing_file)
+
+    wandb = OmegaConf.to_container(cfg.wandb, resolve=True)
+
+    _stage(f"1/4 collect: {len(tasks)} tasks x {cfg.collect.episodes} scripted, deliberately sub-optimal episodes")
+    t0 = time.perf_counter()
+    collect(_sub_config("collect", cfg, "collect", {"task": tasks, "out": str(paths["data"]), "seed": int(cfg.seed)}))
+    timed("collect", t0)
+    data = EpisodeDataset(paths["data"])
+    print(format_table(data.summary()))
+
+    _stage(f"2/4 pre-train: {cfg.policy.unet} U-Net + {cfg.encoder.name} encoder, {cfg.pretrain.steps} steps, reward-free")
+    t0 = time.perf_counter()
+    pre = pretrain(_sub_config("pretrain", cfg, "pretrain", {
+        "data": str(paths["data"]), "out": str(paths["pretrain"]), "resume": True, "seed": int(cfg.seed),
+        "device": str(cfg.device), "wandb": wandb}, groups=("encoder", "policy")))
+    timed("pretrain", t0)
+    print(f"pre-trained {pre['steps']} steps ({pre['params'] / 1e6:.2f}M parameters)")
+
+    _stage(f"3/4 fine-tune (reg={cfg.reg}) on {', '.join(ft_tasks)}: evaluate, PPO + {cfg.reg}, evaluate again")
+    t0 = time.perf_counter()
+    ft_cfg = _sub_config("finetune", cfg, "finetune", {
+        "ckpt": str(paths["pretrain"]), "task": ft_tasks, "out": str(paths["finetune"]), "resume": True,
+        "seed": int(cfg.seed), "device": str(cfg.device), "reg": str(cfg.reg), "init": "pretrained", "wandb": wandb},
+        groups=("algo",))
+    ft = finetune(ft_cfg)
+    timed("finetune", t0)
+
+    _stage("4/4 results, learning curves and a point-cloud rollout")
+    t0 = time.perf_counter()
+    results = dict(ft["results"])
+    results.update({"demo": str(cfg.name), "pretrain_tasks": tasks, "pretrain_steps": pre["steps"],
+                    "dataset": {"episodes": data.n_episodes, "steps": data.n_steps, "per_task": data.summary()}})
+    files = {"curves": finetune_curves(ft["summaries"], run / "curves.png",
+                                       title=f"fine-tuning (reg={cfg.reg}), {cfg.name}")}
+    files.update(_rollout(cfg, paths, ft_tasks[0]))
+    from sodp3d.viz import dataset_figure
+
+    files["dataset"], _ = dataset_figure(paths["data"], run / "dataset.png", episodes=min(2 * len(tasks), 6))
+    timed("report", t0)
+    results["seconds"] = seconds
+    results["files"] = {k: str(v) for k, v in files.items()}
+    table = demo_table(results)
+    for name, text in (("results.json", json.dumps(results, indent=2)), ("results.md", table + "\n")):
+        tmp = run / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(run / name)
+    return {"run": str(run), "table": table, "results": results}
+
+
+def _rollout(cfg: DictConfig, paths: dict[str, Path], task: str) -> dict[str, Path]:
+    """The fine-tuned policy's episode on the first fine-tuned task, as GIF and HTML."""
+    from sodp3d.checkpoint import acting_env_config, policy_from_checkpoint
+    from sodp3d.pretrain import resolve_device
+    from sodp3d.viz import record_rollout, rollout_gif, rollout_html
+
+    ft_dir = paths["finetune"] / task if (paths["finetune"] / task).is_dir() else paths["finetune"]
+    policy, payload = policy_from_checkpoint(ft_dir / "checkpoints" / "latest.ckpt", device=resolve_device(str(cfg.device)))
+    record = record_rollout(policy, task, acting_env_config(cfg.env, payload), int(cfg.viz.seed))
+    run = paths["run"]
+    return {"rollout_gif": rollout_gif(record, run / "rollout.gif"), "rollout_html": rollout_html(record, run / "rollout.html")}
+
+
+def demo_table(results: dict[str, Any]) -> str:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    rows = results["tasks"]
+    lines = [f"Metric: {results['metric']}.", "",
+             "| task | pre-trained success | fine-tuned success | change |", "|---|---:|---:|---:|"]
+    for r in rows:
+        a, b = r["pretrained_success"], r["finetuned_success"]
+        change = "-" if a is None or b is None else f"{100 * (b - a):+.0f}"
+        lines.append(f"| {r['task']} | {pct(a)} | {pct(b)} | {change} |")
+    done = [r for r in rows if r["pretrained_success"] is not None and r["finetuned_success"] is not None]
+    if done:
+        a = sum(r["pretrained_success"] for r in done) / len(done)
+        b = sum(r["finetuned_success"] for r in done) / len(done)
+        lines.append(f"| **average** | **{pct(a)}** | **{pct(b)}** | **{100 * (b - a):+.0f}** |")
+    s = results.get("seconds", {})
+    if s:
+        lines += ["", "Time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in s.items())
+                  + f"; {sum(s.values()) / 60:.1f} min in all."]
+    return "\n".join(lines)

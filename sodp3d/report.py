@@ -1,0 +1,193 @@
+"""``sodp3d report runs=[...]``: several runs (seeds, regularisers, encoders, tasks) in one table.
+
+Each run directory holds a ``results.json`` written by ``sodp3d finetune``, ``sodp3d
+demo`` or ``sodp3d eval`` (a directory without one is searched for them). Runs are
+grouped into *variants*: fine-tuned runs by (regulariser, init, encoder, U-Net), and the
+pre-trained model each started from as its own variant, so a table shows pre-trained
+and fine-tuned side by side. A cell is the mean and standard deviation across seeds of
+the success rate; the average row averages the tasks within each seed first.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sodp3d.errors import UserError
+
+
+def find_results(paths: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for p in paths:
+        d = Path(p)
+        if d.is_file() and d.name == "results.json":
+            found.append(d)
+        elif (d / "results.json").is_file():
+            found.append(d / "results.json")
+        elif d.is_dir():
+            nested = sorted(d.rglob("results.json"))
+            if not nested:
+                raise UserError(f"{d} holds no results.json (runs of sodp3d finetune, demo or eval)")
+            # A demo writes one at its top and one under finetune/: keep the outermost.
+            keep = [f for f in nested if not any(o.parent in f.parents for o in nested if o != f)]
+            found.extend(keep)
+        else:
+            raise UserError(f"no run at {d}")
+    if not found:
+        raise UserError("no runs given; pass runs=[dir,...]")
+    return list(dict.fromkeys(found))
+
+
+def _pretrained_label(rec: dict[str, Any]) -> str:
+    return f"pre-trained ({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
+
+
+def _finetuned_label(rec: dict[str, Any]) -> str:
+    return f"fine-tuned reg={rec['reg']} init={rec['init']} ({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
+
+
+def load_entries(files: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Flat entries {variant, seed, task, success, history, source} and the metrics seen."""
+    entries: dict[tuple, dict[str, Any]] = {}
+    metrics: list[str] = []
+    for f in files:
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{f} is not a readable results file ({type(e).__name__})") from None
+        kind = rec.get("kind") if isinstance(rec, dict) else None
+        if kind == "finetune":
+            metrics.append(rec["metric"])
+            seed = int(rec["seed"])
+            for t in rec["tasks"]:
+                if t.get("pretrained_success") is not None and rec["init"] == "pretrained":
+                    key = (_pretrained_label(rec), rec.get("ckpt"), seed, t["task"])
+                    entries.setdefault(key, {"variant": key[0], "seed": seed, "task": t["task"],
+                                             "success": t["pretrained_success"], "history": None, "source": str(f)})
+                if t.get("finetuned_success") is not None:
+                    key = (_finetuned_label(rec), str(f), seed, t["task"])
+                    entries[key] = {"variant": key[0], "seed": seed, "task": t["task"], "success": t["finetuned_success"],
+                                    "history": t.get("history"), "source": str(f)}
+        elif kind == "eval":
+            metrics.append(rec["metric"])
+            label = f"evaluated ({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
+            for t in rec["tasks"]:
+                for seed, rate in zip(rec["seeds"], t["per_seed_success_rate"]):
+                    key = (label, rec.get("checkpoint"), int(seed), t["task"])
+                    entries[key] = {"variant": label, "seed": int(seed), "task": t["task"], "success": rate,
+                                    "history": None, "source": str(f)}
+        else:
+            raise UserError(f"{f} is not a results file of sodp3d finetune, demo or eval (kind={kind!r}); "
+                            "results written before this version lack 'kind': re-run the command")
+    return list(entries.values()), list(dict.fromkeys(metrics))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), (float(statistics.stdev(values)) if len(values) > 1 else 0.0)
+
+
+def summarise(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant and task: mean, std (sample, across seeds) and n; plus the average row."""
+    order = {"pre-trained": 0, "evaluated": 1, "fine-tuned": 2}
+    variants = sorted(dict.fromkeys(e["variant"] for e in entries), key=lambda v: (order.get(v.split(" ")[0], 3), v))
+    tasks = list(dict.fromkeys(e["task"] for e in entries))
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    for v in variants:
+        cells[v] = {}
+        by_seed: dict[int, dict[str, float]] = {}
+        for e in entries:
+            if e["variant"] == v:
+                by_seed.setdefault(e["seed"], {})[e["task"]] = float(e["success"])
+        for t in tasks:
+            vals = [s[t] for s in by_seed.values() if t in s]
+            if vals:
+                m, sd = _mean_std(vals)
+                cells[v][t] = {"mean": m, "std": sd, "n": len(vals)}
+        complete = [np.mean([s[t] for t in tasks]) for s in by_seed.values() if all(t in s for t in tasks)]
+        if complete:
+            m, sd = _mean_std([float(x) for x in complete])
+            cells[v]["average"] = {"mean": m, "std": sd, "n": len(complete)}
+    return {"variants": variants, "tasks": tasks, "cells": cells}
+
+
+def markdown(summary: dict[str, Any], metrics: list[str], files: list[Path]) -> str:
+    variants, tasks, cells = summary["variants"], summary["tasks"], summary["cells"]
+
+    def cell(v: str, t: str) -> str:
+        c = cells[v].get(t)
+        if c is None:
+            return "-"
+        return f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f} (n={c['n']})"
+
+    lines = ["# Report", "", "Success rate in %, mean ± standard deviation across seeds (n = seeds). "
+             "The average row averages the tasks within each seed first (seeds that ran every task).", ""]
+    lines += ["Metric" + ("s" if len(metrics) > 1 else "") + ":"] + [f"- {m}" for m in metrics] + [""]
+    lines.append("| task | " + " | ".join(variants) + " |")
+    lines.append("|---|" + "---:|" * len(variants))
+    for t in tasks + ["average"]:
+        name = f"**{t}**" if t == "average" else t
+        lines.append(f"| {name} | " + " | ".join(cell(v, t) for v in variants) + " |")
+    lines += ["", "Runs:"] + [f"- `{f}`" for f in files]
+    return "\n".join(lines)
+
+
+def _curves(entries: list[dict[str, Any]], tasks: list[str]) -> dict[tuple[str, str], list]:
+    """Training-rollout success against env steps, mean ± std across seeds per variant."""
+    curves: dict[tuple[str, str], list] = {}
+    for t in tasks:
+        by_variant: dict[str, list[dict]] = {}
+        for e in entries:
+            if e["task"] == t and e["history"]:
+                by_variant.setdefault(e["variant"], []).append(e)
+        for v, es in by_variant.items():
+            xs = [np.array([h["env_steps"] for h in e["history"]], float) for e in es]
+            ys = [np.array([h["success_rate"] for h in e["history"]], float) for e in es]
+            end = min(x[-1] for x in xs)
+            grid = np.unique(np.concatenate([x[x <= end] for x in xs]))
+            stack = np.stack([np.interp(grid, x, y) for x, y in zip(xs, ys)])
+            std = stack.std(axis=0, ddof=1) if len(es) > 1 else None
+            curves.setdefault(("training success rate", t), []).append((f"{v} (n={len(es)})", grid, stack.mean(0), std))
+    return curves
+
+
+def report(cfg) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from sodp3d.plots import RATE, bars, curve_grid
+
+    runs = cfg.get("runs")
+    if runs is None or runs == "???":
+        raise UserError("no runs given; pass runs=[dir,...] (run dirs of finetune, demo or eval)")
+    runs = [str(r) for r in (OmegaConf.to_container(runs) if not isinstance(runs, str) else [runs])]
+    files = find_results(runs)
+    entries, metrics = load_entries(files)
+    if not entries:
+        raise UserError("the runs hold no evaluated tasks")
+    summary = summarise(entries)
+    out = Path(str(cfg.out)) if cfg.get("out") else Path("runs") / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(summary, metrics, files)
+    written = []
+    for name, body in (("report.md", text + "\n"),
+                       ("report.json", json.dumps({"metrics": metrics, "runs": [str(f) for f in files], **summary},
+                                                  indent=2))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(body)
+        tmp.replace(out / name)
+        written.append(str(out / name))
+    groups = summary["tasks"] + ["average"]
+    series = {}
+    for v in summary["variants"]:
+        c = summary["cells"][v]
+        series[v] = (np.array([100 * c[g]["mean"] if g in c else np.nan for g in groups]),
+                     np.array([100 * c[g]["std"] if g in c else 0.0 for g in groups]))
+    written.append(str(bars(groups, series, out / "success.png", "success rate [%] (mean ± std across seeds)")))
+    curves = _curves(entries, summary["tasks"])
+    if curves:
+        written.append(str(curve_grid([t for t in summary["tasks"] if ("training success rate", t) in curves],
+                                      ["training success rate"], curves, out / "curves.png", ylims=RATE)))
+    return {"text": text, "files": written, "summary": summary}

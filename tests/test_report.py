@@ -1,0 +1,101 @@
+"""sodp3d report: runs of several seeds and regularisers in one table (mean and std), plots, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sodp3d.cli import main
+
+# Fine-tuned success per (reg, seed, task); the pre-trained model scores 0.1 / 0.3 for every seed.
+FT = {
+    ("bc", 0): {"reach-v3": 0.2, "push-v3": 0.5},
+    ("bc", 1): {"reach-v3": 0.4, "push-v3": 0.5},
+    ("bc", 2): {"reach-v3": 0.6, "push-v3": 0.8},
+    ("none", 0): {"reach-v3": 0.0, "push-v3": 0.1},
+    ("none", 1): {"reach-v3": 0.1, "push-v3": 0.1},
+}
+PRE = {"reach-v3": 0.1, "push-v3": 0.3}
+
+
+def write_run(root: Path, reg: str, seed: int) -> Path:
+    run = root / f"{reg}-s{seed}"
+    run.mkdir(parents=True)
+    tasks = []
+    for task, rate in FT[(reg, seed)].items():
+        history = [{"env_steps": s, "success_rate": rate * s / 200, "mean_chunk_reward": 1.0} for s in (100, 200)]
+        tasks.append({"task": task, "reg": reg, "init": "pretrained", "env_steps": 200, "pretrained_success": PRE[task],
+                      "finetuned_success": rate, "updates": 2, "history": history, "evals": []})
+    record = {"kind": "finetune", "metric": "final evaluation, success rate over 10 episodes (DDIM eta = 0), "
+              "before and after fine-tuning", "eval_episodes": 10, "seed": seed, "reg": reg, "init": "pretrained",
+              "encoder": "dp3", "unet": "tiny", "ckpt": "pre", "env_steps": 200, "tasks": tasks}
+    (run / "results.json").write_text(json.dumps(record))
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path) -> list[Path]:
+    return [write_run(tmp_path / "runs", reg, seed) for reg, seed in FT]
+
+
+def test_table_is_mean_and_std_across_seeds(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", f"runs=[{','.join(str(r) for r in runs)}]", f"out={out}"]) == 0
+    text = (out / "report.md").read_text()
+    assert text in capsys.readouterr().out
+    assert "final evaluation" in text and "mean ± standard deviation across seeds" in text
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    header = rows.pop("task")
+    assert header == ["pre-trained (dp3, tiny)", "fine-tuned reg=bc init=pretrained (dp3, tiny)",
+                      "fine-tuned reg=none init=pretrained (dp3, tiny)"]
+    # bc on reach: 0.2, 0.4, 0.6 -> mean 40, sample std 20; none: 0.0, 0.1 -> 5.0 +- 7.1.
+    assert rows["reach-v3"][1] == "40.0 ± 20.0 (n=3)"
+    assert rows["reach-v3"][2] == "5.0 ± 7.1 (n=2)"
+    # The pre-trained model is one variant, counted once per seed (not once per run).
+    assert rows["reach-v3"][0] == "10.0 ± 0.0 (n=3)"
+    # Average: within each seed first (bc: 0.35, 0.45, 0.7 -> 50.0 +- 18.0).
+    assert rows["**average**"][1] == "50.0 ± 18.0 (n=3)"
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["cells"]["fine-tuned reg=bc init=pretrained (dp3, tiny)"]["push-v3"]["n"] == 3
+    for png in ("success.png", "curves.png"):
+        assert Image.open(out / png).size[0] > 200
+
+
+def test_a_parent_directory_is_searched_and_eval_runs_join(runs, tmp_path, capsys):
+    ev = tmp_path / "runs" / "eval-pointnet"
+    ev.mkdir()
+    ev.joinpath("results.json").write_text(json.dumps({
+        "kind": "eval", "metric": "final evaluation: success rate over 10 episodes per task and seed",
+        "seeds": [0, 1], "checkpoint": "p", "encoder": "pointnet", "unet": "tiny",
+        "tasks": [{"task": "reach-v3", "success_rate": 0.25, "success_rate_std": 0.05,
+                   "per_seed_success_rate": [0.2, 0.3], "mean_return": 1.0, "mean_return_std": 0.0, "episodes": 10}]}))
+    out = tmp_path / "r2"
+    assert main(["report", f"runs=[{tmp_path / 'runs'}]", f"out={out}"]) == 0
+    text = (out / "report.md").read_text()
+    header = [c.strip() for c in next(ln for ln in text.splitlines() if ln.startswith("| task")).split("|")[2:-1]]
+    assert header[:2] == ["pre-trained (dp3, tiny)", "evaluated (pointnet, tiny)"]
+    line = next(ln for ln in text.splitlines() if ln.startswith("| reach-v3"))
+    assert [c.strip() for c in line.split("|")[2:-1]][1] == "25.0 ± 7.1 (n=2)"  # its two seeds
+    assert "Metrics:" in text and "per task and seed" in text and "before and after fine-tuning" in text
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.json").write_text("[1, 2]")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text("{not json")
+    for args, words in [([], "no runs given"), ([f"runs=[{tmp_path / 'empty'}]"], "holds no results.json"),
+                        ([f"runs=[{tmp_path / 'nowhere'}]"], "no run at"), ([f"runs=[{foreign}]"], "not a results file"),
+                        ([f"runs=[{broken}]"], "not a readable results file")]:
+        rc = main(["report", *args, f"out={tmp_path / 'out'}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err and words in err, (args, err)
+        assert len([ln for ln in err.splitlines() if ln.startswith("sodp3d report: error:")]) == 1
+    assert not (tmp_path / "out").exists()
