@@ -147,7 +147,7 @@ COMMANDS = {
         "demo",
         "the whole method end to end on a few tasks (collect, pre-train, fine-tune, evaluate, plots)",
         _run_demo,
-        "sodp3d demo [name=demo] [tasks=[..]] [encoder=dp3|pointnet] [policy=tiny|simple|paper] [algo=cpu|sodp] "
+        "sodp3d demo [name=demo] [task=[..]] [encoder=dp3|pointnet] [policy=tiny|simple|paper] [algo=cpu|sodp] "
         "[experiment=smoke] [reg=bc|none|kl|pl]",
     ),
     "collect": Command(

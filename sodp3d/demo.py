@@ -56,8 +56,8 @@ def demo(cfg: DictConfig) -> dict[str, Any]:
     from sodp3d.plots import finetune_curves
     from sodp3d.pretrain import pretrain
 
-    tasks = resolve_tasks(cfg.tasks)
-    ft_tasks = resolve_tasks(cfg.finetune_tasks) if cfg.get("finetune_tasks") is not None else tasks
+    tasks = resolve_tasks(cfg.task)
+    ft_tasks = resolve_tasks(cfg.finetune_task) if cfg.get("finetune_task") is not None else tasks
     paths = demo_paths(cfg)
     run = paths["run"]
     if run.exists() and any(run.iterdir()) and not cfg.resume:

@@ -137,8 +137,10 @@ def _limits(clouds: list[np.ndarray], paths: list[np.ndarray], crop) -> tuple[np
     return low - pad, high + pad
 
 
-def _draw(ax, cloud, lim, executed=None, predicted=None, title="", point_size=4.0) -> None:
+def _draw(ax, cloud, lim, executed=None, predicted=None, title="", point_size: float | None = None) -> None:
     low, high = lim
+    if point_size is None:  # sparse clouds get larger dots
+        point_size = float(np.clip(2000.0 / max(len(cloud), 1), 2.0, 16.0))
     keep = np.all((cloud[:, :3] >= low) & (cloud[:, :3] <= high), axis=1)
     c = cloud[keep]
     ax.scatter(c[:, 0], c[:, 1], c[:, 2], c=_colours(c, (low[2], high[2])), s=point_size, depthshade=False, linewidths=0)
@@ -310,7 +312,7 @@ def dataset_figure(data_path: str | Path, path: str | Path, episodes: int = 6, m
             ax = fig.add_subplot(len(chosen), moments, r * moments + c + 1, projection="3d")
             verdict = {None: "success unknown", True: "success", False: "failure"}[ok]
             title = f"ep {i} {task}: {verdict}\nstep {t}/{T}" if c == 0 else f"step {t}/{T}"
-            _draw(ax, ep["point_cloud"][t], lim, None if ee is None else ee[: t + 1], None, title, point_size=2.0)
+            _draw(ax, ep["point_cloud"][t], lim, None if ee is None else ee[: t + 1], None, title)
     fig.tight_layout()
     canvas.draw()
     path = Path(path)
