@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sodp3d.errors import UserError
+from sodp3d.files import write_text_atomic
 
 
 def _sub_config(name: str, cfg: DictConfig, section: str, extra: dict[str, Any],
@@ -69,9 +70,7 @@ def demo(cfg: DictConfig) -> dict[str, Any]:
 
     def timed(stage: str, t0: float) -> None:
         seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
-        tmp = run / ".seconds.json.tmp"
-        tmp.write_text(json.dumps(seconds))
-        tmp.replace(timing_file)
+        write_text_atomic(timing_file, json.dumps(seconds))
 
     wandb = OmegaConf.to_container(cfg.wandb, resolve=True)
 
@@ -114,10 +113,8 @@ def demo(cfg: DictConfig) -> dict[str, Any]:
     results["seconds"] = seconds
     results["files"] = {k: str(v) for k, v in files.items()}
     table = demo_table(results)
-    for name, text in (("results.json", json.dumps(results, indent=2)), ("results.md", table + "\n")):
-        tmp = run / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(run / name)
+    write_text_atomic(run / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(run / "results.md", table + "\n")
     return {"run": str(run), "table": table, "results": results}
 
 
@@ -135,21 +132,44 @@ def _rollout(cfg: DictConfig, paths: dict[str, Path], task: str) -> dict[str, Pa
 
 
 def demo_table(results: dict[str, Any]) -> str:
+    """Per task: success before and after fine-tuning, and the change, at each evaluation
+    eta (the headline first), with an average row."""
+
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
 
     rows = results["tasks"]
-    lines = [f"Metric: {results['metric']}.", "",
-             "| task | pre-trained success | fine-tuned success | change |", "|---|---:|---:|---:|"]
+    etas = [b["eta"] for b in rows[0]["by_eta"]] if rows else []
+    lines = [f"Metric: {results['metric']}."]
+    if len(etas) > 1:
+        lines[0] += (" The eta = 1 columns sample as fine-tuning does (each denoising step a Gaussian, std floored at "
+                     "0.1): the policy PPO optimises.")
+    head, rule = "| task |", "|---|"
+    for e in etas:
+        tag = "" if e == etas[0] and len(etas) == 1 else f" (eta = {e:g})"
+        head += f" pre-trained{tag} | fine-tuned{tag} | change |"
+        rule += "---:|---:|---:|"
+    lines += ["", head, rule]
+
+    def cells(pairs: list[tuple[float | None, float | None]], bold: bool = False) -> str:
+        out = ""
+        for a, b in pairs:
+            change = "-" if a is None or b is None else f"{100 * (b - a):+.0f}"
+            vals = [pct(a), pct(b), change]
+            out += "".join(f" **{v}** |" if bold else f" {v} |" for v in vals)
+        return out
+
     for r in rows:
-        a, b = r["pretrained_success"], r["finetuned_success"]
-        change = "-" if a is None or b is None else f"{100 * (b - a):+.0f}"
-        lines.append(f"| {r['task']} | {pct(a)} | {pct(b)} | {change} |")
-    done = [r for r in rows if r["pretrained_success"] is not None and r["finetuned_success"] is not None]
-    if done:
-        a = sum(r["pretrained_success"] for r in done) / len(done)
-        b = sum(r["finetuned_success"] for r in done) / len(done)
-        lines.append(f"| **average** | **{pct(a)}** | **{pct(b)}** | **{100 * (b - a):+.0f}** |")
+        lines.append(f"| {r['task']} |" + cells([(b["pretrained_success"], b["finetuned_success"]) for b in r["by_eta"]]))
+    if rows:
+        avg = []
+        for i in range(len(etas)):
+            pairs = [(r["by_eta"][i]["pretrained_success"], r["by_eta"][i]["finetuned_success"]) for r in rows]
+            if all(a is not None and b is not None for a, b in pairs):
+                avg.append((sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs)))
+            else:
+                avg.append((None, None))
+        lines.append("| **average** |" + cells(avg, bold=True))
     s = results.get("seconds", {})
     if s:
         lines += ["", "Time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in s.items())

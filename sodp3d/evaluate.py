@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from sodp3d.errors import UserError
+from sodp3d.files import write_text_atomic
 
-METRIC_FINAL = "final evaluation: success rate over {episodes} episodes per task and seed, mean (std) across seeds"
+METRIC_FINAL = ("final evaluation: success rate over {episodes} episodes per task and seed (DDIM eta = {eta:g}), "
+                "mean (std) across seeds")
 METRIC_TOP_K = ("DP3-style: per task, the average of the {k} best of {n} evaluations made during training "
                 "({episodes} episodes each; std across those evaluations); optimistic, not a final evaluation")
 
@@ -59,11 +61,13 @@ def evaluate_task(
     generator: torch.Generator | None = None,
     progress=None,
     vec=None,
+    sampler=None,
 ) -> dict[str, Any]:
     """Run ``episodes`` episodes of ``task``; returns per-episode success and return.
 
     ``vec``: an open vector env of this task with the policy's chunking (the fine-tuner
     passes its own); otherwise one of min(num_envs, episodes) envs is made and closed.
+    ``sampler``: a DDIM sampler to act with instead of the policy's (another eta).
     """
     from sodp3d.envs import make_vector_env
 
@@ -85,7 +89,8 @@ def evaluate_task(
             ok = np.zeros(n, bool)
             ret = np.zeros(n)
             while not done.all():
-                action = policy.predict_action({k: obs[k] for k in policy.obs_keys}, generator=generator)["action"]
+                action = policy.predict_action({k: obs[k] for k in policy.obs_keys}, generator=generator,
+                                               sampler=sampler)["action"]
                 obs, reward, terminated, truncated, info = vec.step(action.cpu().numpy())
                 live = ~done
                 ret[live] += reward[live]
@@ -108,7 +113,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(statistics.pstdev(values)) if len(values) > 1 else 0.0
 
 
-def evaluate(policy, tasks: list[str], episodes: int, seeds: list[int], num_envs: int, env_cfg=None) -> dict[str, Any]:
+def evaluate(policy, tasks: list[str], episodes: int, seeds: list[int], num_envs: int, env_cfg=None,
+             sampler=None) -> dict[str, Any]:
     from tqdm import tqdm
 
     if episodes <= 0:
@@ -126,7 +132,7 @@ def evaluate(policy, tasks: list[str], episodes: int, seeds: list[int], num_envs
             runs = []
             for s in seeds:
                 gen = torch.Generator(device=policy.device).manual_seed(int(s))
-                r = evaluate_task(policy, task, episodes, int(s), num_envs, env_cfg, gen, bar)
+                r = evaluate_task(policy, task, episodes, int(s), num_envs, env_cfg, gen, bar, sampler=sampler)
                 env_steps += r["env_steps"]
                 runs.append(r)
             rates = [float(np.mean(r["success"])) for r in runs]
@@ -140,8 +146,10 @@ def evaluate(policy, tasks: list[str], episodes: int, seeds: list[int], num_envs
     per_seed_avg = [float(np.mean([t["per_seed_success_rate"][i] for t in per_task])) for i in range(len(seeds))]
     avg, avg_std = _mean_std(per_seed_avg)
     seconds = time.perf_counter() - t0
+    eta = policy.sampler.eta if sampler is None else sampler.eta
     return {
-        "metric": METRIC_FINAL.format(episodes=episodes),
+        "metric": METRIC_FINAL.format(episodes=episodes, eta=eta),
+        "eta": eta,
         "seeds": list(seeds),
         "tasks": per_task,
         "average": {"success_rate": avg, "success_rate_std": avg_std, "tasks": len(per_task)},
@@ -166,10 +174,8 @@ def results_markdown(results: dict[str, Any], title: str = "Evaluation") -> str:
 def write_results(results: dict[str, Any], out: Path, title: str = "Evaluation") -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "results.json", out / "results.md"
-    for path, text in ((js, json.dumps(results, indent=2)), (md, results_markdown(results, title) + "\n")):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text_atomic(js, json.dumps(results, indent=2))
+    write_text_atomic(md, results_markdown(results, title) + "\n")
     return js, md
 
 

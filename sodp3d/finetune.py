@@ -49,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.checkpoint import load_checkpoint, save_checkpoint
 from sodp3d.diffusion import DDIMSampler
 from sodp3d.errors import UserError
+from sodp3d.files import write_text_atomic
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
 
 LOG_RATIO_CLAMP = 20.0  # |log rho| beyond this is numerically meaningless
@@ -440,12 +441,22 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device) -
         payload = load_checkpoint(ckpt, map_location=device)
         ft.load(payload)
         state = payload["finetune_state"]
+    etas = eval_etas(cfg)
+    # One DDIM sampler per evaluation eta; eta = 1 is the sampler fine-tuning optimises.
+    samplers = [DDIMSampler(policy.schedule, num_steps=policy.config.num_inference_steps, eta=e,
+                            min_std=float(algo.min_std)) for e in etas]
+
+    def rate_of(tag: str, eta: float) -> float | None:
+        return next((e["success_rate"] for e in state["evals"] if e["tag"] == tag and e.get("eta", 0.0) == eta), None)
+
     def summary(final: float | None) -> dict[str, Any]:
         return {"task": task, "reg": ft.reg_name, "init": str(cfg.init), "env_steps": state["env_steps"],
                 "pretrained_success": state["pretrained_eval"], "finetuned_success": final,
+                "by_eta": [{"eta": e, "pretrained_success": rate_of("initial", e), "finetuned_success": rate_of("final", e)}
+                           for e in etas],
                 "updates": ft.updates, "history": state["history"], "evals": state["evals"]}
 
-    done = next((e["success_rate"] for e in state["evals"] if e["tag"] == "final"), None)
+    done = rate_of("final", etas[0])
     if done is not None and state["env_steps"] >= int(cfg.env_steps):
         return summary(done)  # a finished run: nothing to do
     run.mkdir(parents=True, exist_ok=True)
@@ -462,13 +473,20 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device) -
                                "finetune_state": state, **ft.state()})
 
     def run_eval(tag: str) -> float:
-        """``sodp3d eval``'s protocol on the fine-tuner's own environments."""
-        gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-        r = evaluate_task(ft.policy, task, int(cfg.eval.episodes), int(cfg.seed), E, generator=gen, vec=vec)
-        rate, ret = float(np.mean(r["success"])), float(np.mean(r["return"]))
-        state["evals"].append({"tag": tag, "env_steps": state["env_steps"], "success_rate": rate, "mean_return": ret})
-        logger.log({"eval/success_rate": rate, "eval/mean_return": ret}, state["env_steps"])
-        return rate
+        """``sodp3d eval``'s protocol on the fine-tuner's own environments, at each eval
+        eta; returns the success rate at the first (the headline metric)."""
+        rates = []
+        for eta, sampler in zip(etas, samplers):
+            gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+            r = evaluate_task(ft.policy, task, int(cfg.eval.episodes), int(cfg.seed), E, generator=gen, vec=vec,
+                              sampler=sampler)
+            rate, ret = float(np.mean(r["success"])), float(np.mean(r["return"]))
+            state["evals"].append({"tag": tag, "eta": eta, "env_steps": state["env_steps"], "success_rate": rate,
+                                   "mean_return": ret})
+            suffix = "" if eta == etas[0] else f"_eta{eta:g}"
+            logger.log({f"eval/success_rate{suffix}": rate, f"eval/mean_return{suffix}": ret}, state["env_steps"])
+            rates.append(rate)
+        return rates[0]
 
     bar = tqdm(total=budget, initial=min(state["env_steps"], budget), desc=f"finetune {task} ({ft.reg_name})",
                unit="step", dynamic_ncols=True)
@@ -524,6 +542,15 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device) -
     return summary(final)
 
 
+def eval_etas(cfg: DictConfig) -> list[float]:
+    """The DDIM etas fine-tuning evaluates with (``eval.etas``); the first is the headline."""
+    etas = cfg.eval.get("etas", [0.0])
+    etas = [etas] if isinstance(etas, (int, float)) else list(etas)
+    if not etas or any(not isinstance(e, (int, float)) or not 0 <= e <= 1 for e in etas):
+        raise UserError(f"eval.etas must list DDIM etas in [0, 1] (0: deterministic, 1: as fine-tuning samples), got {etas}")
+    return [float(e) for e in etas]
+
+
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     from sodp3d.envs import resolve_tasks
     from sodp3d.pretrain import resolve_device
@@ -538,24 +565,19 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
     if str(cfg.algo.reg) not in REGULARISERS:
         raise UserError(f"unknown regulariser reg={cfg.algo.reg}; valid: {', '.join(REGULARISERS)}")
+    eval_etas(cfg)
     device = resolve_device(str(cfg.device))
     out = Path(str(cfg.out))
     summaries = []
     for task in tasks:
         run = out / task if len(tasks) > 1 else out
         summaries.append(finetune_task(cfg, task, run, device))
-    table = results_table(summaries, int(cfg.eval.episodes))
+    table = results_table(summaries, int(cfg.eval.episodes), eval_etas(cfg))
     results = results_record(cfg, summaries)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.md", table + "\n")
-    write_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out / "results.md", table + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     return {"out": str(out), "table": table, "summaries": summaries, "results": results}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def results_record(cfg: DictConfig, summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -566,7 +588,8 @@ def results_record(cfg: DictConfig, summaries: list[dict[str, Any]]) -> dict[str
     pc = load_checkpoint(checkpoint_path(cfg.ckpt)).get("policy_config", {})
     return {
         "kind": "finetune",
-        "metric": METRIC.format(episodes=int(cfg.eval.episodes)),
+        "metric": METRIC.format(episodes=int(cfg.eval.episodes), eta=eval_etas(cfg)[0]),
+        "eval_etas": eval_etas(cfg),
         "eval_episodes": int(cfg.eval.episodes),
         "seed": int(cfg.seed), "reg": str(cfg.algo.reg), "init": str(cfg.init),
         "encoder": pc.get("encoder"), "unet": pc.get("unet"), "ckpt": str(cfg.ckpt),
@@ -575,16 +598,25 @@ def results_record(cfg: DictConfig, summaries: list[dict[str, Any]]) -> dict[str
     }
 
 
-METRIC = "final evaluation, success rate over {episodes} episodes (DDIM eta = 0), before and after fine-tuning"
+METRIC = "final evaluation, success rate over {episodes} episodes (DDIM eta = {eta:g}), before and after fine-tuning"
 
 
-def results_table(summaries: list[dict[str, Any]], episodes: int) -> str:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.0f}%"
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
-    lines = [f"Metric: {METRIC.format(episodes=episodes)}.",
-             "", "| task | reg | init | env steps | pre-trained | fine-tuned |", "|---|---|---|---:|---:|---:|"]
+
+def results_table(summaries: list[dict[str, Any]], episodes: int, etas: list[float] | None = None) -> str:
+    """Markdown: per task, success before and after fine-tuning at each evaluation eta."""
+    etas = etas or [0.0]
+    lines = [f"Metric: {METRIC.format(episodes=episodes, eta=etas[0])}."]
+    if len(etas) > 1:
+        lines[0] += " Columns marked eta = 1 sample as fine-tuning does (the policy PPO optimises)."
+    head = "| task | reg | init | env steps |"
+    for e in etas:
+        tag = "" if len(etas) == 1 else f" (eta = {e:g})"
+        head += f" pre-trained{tag} | fine-tuned{tag} |"
+    lines += ["", head, "|---|---|---|---:|" + "---:|---:|" * len(etas)]
     for s in summaries:
-        lines.append(f"| {s['task']} | {s['reg']} | {s['init']} | {s['env_steps']} | {pct(s['pretrained_success'])} "
-                     f"| {pct(s['finetuned_success'])} |")
+        cells = "".join(f" {_pct(b['pretrained_success'])} | {_pct(b['finetuned_success'])} |" for b in s["by_eta"])
+        lines.append(f"| {s['task']} | {s['reg']} | {s['init']} | {s['env_steps']} |" + cells)
     return "\n".join(lines)

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from sodp3d.files import temp_path
+
 Curve = tuple[str, np.ndarray, np.ndarray, np.ndarray | None]
 RATE = {"success rate": (-0.03, 1.03), "training success rate": (-0.03, 1.03)}
 
@@ -21,7 +23,7 @@ def _save(fig, path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = temp_path(path)
     fig.savefig(tmp, dpi=100)
     tmp.replace(path)
     return path
@@ -73,10 +75,11 @@ def finetune_curves(summaries: list[dict[str, Any]], path: str | Path, title: st
         curves[("success rate", s["task"])] = [
             ("training rollouts (eta = 1)", x, np.array([e["success_rate"] for e in h], float), None)]
         ev = s.get("evals") or []
-        if ev:
+        for eta in dict.fromkeys(e.get("eta", 0.0) for e in ev):
+            pts = [e for e in ev if e.get("eta", 0.0) == eta]
             curves[("success rate", s["task"])].append(
-                ("evaluation (eta = 0)", np.array([e["env_steps"] for e in ev], float),
-                 np.array([e["success_rate"] for e in ev], float), None))
+                (f"evaluation (eta = {eta:g})", np.array([e["env_steps"] for e in pts], float),
+                 np.array([e["success_rate"] for e in pts], float), None))
         curves[("mean chunk reward", s["task"])] = [
             ("training rollouts", x, np.array([e["mean_chunk_reward"] for e in h], float), None)]
     return curve_grid(tasks, ["success rate", "mean chunk reward"], curves, path, title=title, ylims=RATE)

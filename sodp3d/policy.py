@@ -149,10 +149,13 @@ class DiffusionPolicy(nn.Module):
 
     # -- acting -------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_action(self, obs: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def predict_action(self, obs: dict[str, Any], generator: torch.Generator | None = None,
+                       sampler: DDIMSampler | None = None) -> dict[str, torch.Tensor]:
+        """{'action': (B, Ta, Da) to execute, 'action_pred': (B, Tp, Da)}; ``sampler``
+        replaces the policy's own (DDIM with its eta) for this call."""
         cond = self.condition(obs)
         shape = (cond.shape[0], self.config.horizon, self.action_dim)
-        x0 = self.sampler.sample(self.denoiser(cond), shape, generator=generator, device=cond.device)
+        x0 = (sampler or self.sampler).sample(self.denoiser(cond), shape, generator=generator, device=cond.device)
         action_pred = self.normalizer.unnormalize("action", x0)
         return {"action": self.executed(action_pred), "action_pred": action_pred}
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sodp3d.errors import UserError
+from sodp3d.files import write_text_atomic
 
 
 def find_results(paths: list[str]) -> list[Path]:
@@ -171,14 +172,9 @@ def report(cfg) -> dict[str, Any]:
     out = Path(str(cfg.out)) if cfg.get("out") else Path("runs") / "report"
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(summary, metrics, files)
-    written = []
-    for name, body in (("report.md", text + "\n"),
-                       ("report.json", json.dumps({"metrics": metrics, "runs": [str(f) for f in files], **summary},
-                                                  indent=2))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(body)
-        tmp.replace(out / name)
-        written.append(str(out / name))
+    written = [str(write_text_atomic(out / "report.md", text + "\n")),
+               str(write_text_atomic(out / "report.json", json.dumps(
+                   {"metrics": metrics, "runs": [str(f) for f in files], **summary}, indent=2)))]
     groups = summary["tasks"] + ["average"]
     series = {}
     for v in summary["variants"]:

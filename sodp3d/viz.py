@@ -23,6 +23,7 @@ import gymnasium as gym
 import numpy as np
 
 from sodp3d.errors import UserError
+from sodp3d.files import temp_path
 
 
 @dataclass
@@ -199,7 +200,7 @@ def rollout_gif(record: RolloutRecord, path: str | Path, fps: float = 4.0, size:
     images.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     durations = [int(1000 / fps)] * (len(images) - 1) + [2000]
     images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
     tmp.replace(path)
@@ -252,7 +253,7 @@ def rollout_html(record: RolloutRecord, path: str | Path) -> Path:
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     fig.write_html(tmp, include_plotlyjs=True, auto_play=False)
     tmp.replace(path)
     return path
@@ -317,7 +318,7 @@ def dataset_figure(data_path: str | Path, path: str | Path, episodes: int = 6, m
     canvas.draw()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = temp_path(path)
     fig.savefig(tmp)
     tmp.replace(path)
     return path, rows

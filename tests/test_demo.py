@@ -33,7 +33,9 @@ def test_demo_writes_every_file_and_the_table(demo_run, capsys):
     assert set(results["seconds"]) == {"collect", "pretrain", "finetune", "report"}
     assert results["dataset"]["episodes"] == 4
     table = (demo_run / "results.md").read_text()
-    assert "| task | pre-trained success | fine-tuned success | change |" in table
+    assert ("| task | pre-trained (eta = 0) | fine-tuned (eta = 0) | change | pre-trained (eta = 1) "
+            "| fine-tuned (eta = 1) | change |") in table
+    assert [b["eta"] for b in row["by_eta"]] == [0.0, 1.0]
     assert "| reach-v3 |" in table and "final evaluation" in table
     assert Image.open(demo_run / "rollout.gif").n_frames >= 2
     assert Image.open(demo_run / "curves.png").size[0] > 200

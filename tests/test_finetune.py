@@ -128,6 +128,22 @@ def test_nan_guard_keeps_the_last_good_checkpoint(pretrained, tmp_path, monkeypa
     assert all(torch.isfinite(v).all() for v in saved["policy"].values() if v.is_floating_point())
 
 
+def test_evaluations_at_two_etas(pretrained, tmp_path):
+    out = tmp_path / "etas"
+    assert finetune(pretrained, out, "task=reach-v3", "env_steps=24", "eval.etas=[0.0,1.0]", "eval.episodes=2") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval_etas"] == [0.0, 1.0] and "DDIM eta = 0" in results["metric"]
+    (row,) = results["tasks"]
+    assert [b["eta"] for b in row["by_eta"]] == [0.0, 1.0]
+    assert row["by_eta"][0]["finetuned_success"] == row["finetuned_success"]  # the first eta is the headline
+    assert sorted((e["tag"], e["eta"]) for e in row["evals"]) == [("final", 0.0), ("final", 1.0),
+                                                                   ("initial", 0.0), ("initial", 1.0)]
+    # the two samplers act differently on the same seeds
+    returns = {e["eta"]: e["mean_return"] for e in row["evals"] if e["tag"] == "initial"}
+    assert returns[0.0] != returns[1.0]
+    assert "pre-trained (eta = 1) | fine-tuned (eta = 1) |" in (out / "results.md").read_text()
+
+
 def test_bad_input(pretrained, tmp_path, capsys):
     capsys.readouterr()
     assert "valid: bc, none, kl, pl" in one_line_error(capsys, finetune(pretrained, tmp_path / "a", "task=reach-v3", "reg=ppo"))
@@ -136,6 +152,7 @@ def test_bad_input(pretrained, tmp_path, capsys):
     assert "26" in msg and "4" in msg
     assert "reach-v9" in one_line_error(capsys, finetune(pretrained, tmp_path / "d", "task=reach-v9"))
     assert "env_steps" in one_line_error(capsys, finetune(pretrained, tmp_path / "e", "task=reach-v3", "env_steps=0"))
+    assert "eval.etas" in one_line_error(capsys, finetune(pretrained, tmp_path / "g", "task=reach-v3", "eval.etas=[2]"))
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
     assert "junk.ckpt" in one_line_error(capsys, main(["finetune", f"ckpt={junk}", "task=reach-v3", f"out={tmp_path / 'f'}"]))

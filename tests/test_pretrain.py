@@ -133,6 +133,17 @@ def test_eval_end_to_end(dataset, tmp_path):
     # 4th episode is simulated and discarded, and counted as the cost it was)
     assert results["env_steps"] == 2 * 2 * 4 * 24
     assert "final evaluation" in (run / "eval" / "results.md").read_text()
+    assert results["kind"] == "eval" and results["eta"] == 0.0 and "DDIM eta = 0" in results["metric"]
+    # eta = 1 acts through the stochastic sampler: same seeds, other actions, other returns.
+    returns = {}
+    for eta in ("null", "1"):
+        out = tmp_path / f"ev-eta-{eta}"
+        assert main(["eval", f"ckpt={run}", "task=reach-v3", "episodes=2", "num_envs=2", f"eta={eta}", f"out={out}",
+                     *FAST_ENV]) == 0
+        r = json.loads((out / "results.json").read_text())
+        returns[eta] = r["tasks"][0]["mean_return"]
+        assert f"DDIM eta = {0 if eta == 'null' else 1}" in r["metric"]
+    assert returns["null"] != returns["1"]
 
 
 def test_bad_input(dataset, tmp_path, capsys):
