@@ -13,6 +13,7 @@ finished work of each stage.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,18 @@ def demo_paths(cfg: DictConfig) -> dict[str, Path]:
 
 
 def demo(cfg: DictConfig) -> dict[str, Any]:
+    """Runs the four stages; a user error before any data exists leaves no run directory."""
+    run = demo_paths(cfg)["run"]
+    fresh = not run.exists()
+    try:
+        return _demo(cfg)
+    except UserError:
+        if fresh and run.exists() and not demo_paths(cfg)["data"].exists():
+            shutil.rmtree(run)
+        raise
+
+
+def _demo(cfg: DictConfig) -> dict[str, Any]:
     from sodp3d.cli import format_table
     from sodp3d.data.store import EpisodeDataset
     from sodp3d.envs import resolve_tasks

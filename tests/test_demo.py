@@ -59,7 +59,7 @@ def test_a_rerun_resumes_instead_of_redoing(demo_run, capsys):
 
 def test_demo_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     for args, words in [(["task=[reach-v3,flying-v3]"], "flying-v3"), (["encoder=nope"], "bad override"),
-                        (["finetune_task=[adroit-nope]"], "adroit-nope")]:
+                        (["finetune_task=[adroit-nope]"], "adroit-nope"), (["task=adroit-door"], "source=sac")]:
         rc = main(["demo", "experiment=smoke", f"root={tmp_path}", *args])
         err = capsys.readouterr().err
         assert rc == 2 and "Traceback" not in err and words in err, (args, err)
