@@ -77,7 +77,7 @@ def _demo(cfg: DictConfig) -> dict[str, Any]:
     if run.exists() and any(run.iterdir()) and not cfg.resume:
         raise UserError(f"{run} already holds a demo; pass resume=true to continue it, or another name=")
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    write_text_atomic(run / "config.yaml", OmegaConf.to_yaml(cfg))
     timing_file = run / "seconds.json"  # per stage, summed over resumed invocations
     seconds: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.exists() else {}
 
@@ -87,7 +87,7 @@ def _demo(cfg: DictConfig) -> dict[str, Any]:
 
     wandb = OmegaConf.to_container(cfg.wandb, resolve=True)
 
-    _stage(f"1/4 collect: {len(tasks)} tasks x {cfg.collect.episodes} scripted, deliberately sub-optimal episodes")
+    _stage(f"1/4 collect: {len(tasks)} tasks x {cfg.collect.episodes} sub-optimal episodes ({cfg.collect.source})")
     t0 = time.perf_counter()
     collect(_sub_config("collect", cfg, "collect", {"task": tasks, "out": str(paths["data"]), "seed": int(cfg.seed)}))
     timed("collect", t0)
