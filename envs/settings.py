@@ -127,3 +127,30 @@ def task_settings(task: str, env_cfg: DictConfig | dict | None = None) -> ObsSet
         sampling=s["sampling"],
         crop=box,
     )
+
+
+# Keys a dataset records per task that define what the policy sees (not the episode length,
+# which is an evaluation choice).
+OBSERVATION_KEYS = ("cameras", "resolution", "num_points", "rgb", "sampling", "crop")
+
+
+def recorded_as_env(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A dataset's recorded settings of one task (``ObsSettings.to_dict``) as env-config keys."""
+    crop = recorded.get("crop")
+    entry = {"cameras": list(recorded["cameras"]), "resolution": [recorded["height"], recorded["width"]],
+             "num_points": recorded["num_points"], "rgb": recorded["rgb"], "sampling": recorded["sampling"],
+             "crop": None if crop is None else {"low": list(crop[0]), "high": list(crop[1])}}
+    return {k: entry[k] for k in OBSERVATION_KEYS}
+
+
+def with_recorded_settings(env_cfg: DictConfig | dict | None, recorded: dict[str, dict]) -> DictConfig:
+    """``env_cfg`` with each recorded task's observation settings as its per-task entry."""
+    cfg = _as_dict(env_cfg if env_cfg is not None else default_env_config())
+    for task, rec in recorded.items():
+        suite = rec.get("suite") or suite_of(task)
+        if suite not in cfg:
+            continue
+        tasks = cfg[suite].get("tasks") or {}
+        tasks[task] = {**_as_dict(tasks.get(task)), **recorded_as_env(rec)}
+        cfg[suite]["tasks"] = tasks
+    return OmegaConf.create(cfg)

@@ -10,6 +10,7 @@ leaves either the previous checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import tempfile
@@ -81,10 +82,28 @@ def checkpoint_path(path: str | Path) -> Path:
     return p / "checkpoints" / "latest.ckpt" if p.is_dir() else p
 
 
+def _changed(given: Any, default: Any) -> Any:
+    """The leaves of ``given`` that differ from ``default`` (nested dicts; lists are leaves)."""
+    if not isinstance(given, dict) or not isinstance(default, dict):
+        return given
+    out = {}
+    for k, v in given.items():
+        if k not in default:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(default[k], dict):
+            sub = _changed(v, default[k])
+            if sub:
+                out[k] = sub
+        elif v != default[k]:
+            out[k] = v
+    return out
+
+
 def acting_env_config(env_cfg: Any, payload: dict[str, Any]) -> Any:
-    """The observation settings to act with: the user's when they changed any setting,
-    otherwise those the checkpoint was trained with (so a run made with, say, 128 points
-    is evaluated with 128 points without repeating the override)."""
+    """The observation settings to act with: those the checkpoint was trained with, with
+    every setting the user changed from the defaults on top. A run made with, say, 128
+    points is evaluated with 128 points without repeating the override, and
+    ``env.metaworld.episode_length=200`` changes only that."""
     from omegaconf import DictConfig, OmegaConf
 
     from sodp3d.envs.settings import default_env_config
@@ -93,6 +112,13 @@ def acting_env_config(env_cfg: Any, payload: dict[str, Any]) -> Any:
     if trained is None:
         return env_cfg
     given = OmegaConf.to_container(env_cfg, resolve=True) if isinstance(env_cfg, DictConfig) else env_cfg
-    if given is None or given == OmegaConf.to_container(default_env_config(), resolve=True):
-        return OmegaConf.create(trained)
-    return env_cfg
+    changed = _changed(given or {}, OmegaConf.to_container(default_env_config(), resolve=True))
+    trained = copy.deepcopy(trained)
+    # A suite-level key the user set also beats the per-task entries the checkpoint recorded.
+    for suite, keys in changed.items():
+        if isinstance(keys, dict) and isinstance(trained.get(suite), dict):
+            for entry in (trained[suite].get("tasks") or {}).values():
+                for k in keys:
+                    if k != "tasks" and isinstance(entry, dict):
+                        entry.pop(k, None)
+    return OmegaConf.merge(OmegaConf.create(trained), changed)

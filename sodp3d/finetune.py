@@ -567,6 +567,13 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"unknown regulariser reg={cfg.algo.reg}; valid: {', '.join(REGULARISERS)}")
     eval_etas(cfg)
     device = resolve_device(str(cfg.device))
+    # Act with the observation settings the checkpoint was trained with (plus the user's changes).
+    from omegaconf import open_dict
+
+    from sodp3d.checkpoint import acting_env_config, checkpoint_path
+
+    with open_dict(cfg):
+        cfg.env = acting_env_config(cfg.env, load_checkpoint(checkpoint_path(cfg.ckpt)))
     out = Path(str(cfg.out))
     summaries = []
     for task in tasks:

@@ -202,6 +202,24 @@ class RunLogger:
             self.wandb.finish()
 
 
+def _record_data_settings(cfg: DictConfig, paths: list[str]) -> None:
+    """Put the observation settings the data were collected with into ``cfg.env`` (per
+    task), so that periodic evaluations, and everything that acts with the checkpoint
+    later, see what the policy was trained on."""
+    from omegaconf import open_dict
+
+    from sodp3d.data.store import EpisodeDataset, inspect_path
+    from sodp3d.envs.settings import with_recorded_settings
+
+    recorded: dict[str, dict] = {}
+    for p in paths:
+        if inspect_path(p) == "sodp3d":
+            recorded.update(EpisodeDataset(p).attrs.get("tasks") or {})
+    if recorded:
+        with open_dict(cfg):
+            cfg.env = with_recorded_settings(cfg.get("env"), recorded)
+
+
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -219,6 +237,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     if enc_name not in ENCODERS:
         raise UserError(f"unknown encoder '{enc_name}'; valid: {', '.join(ENCODERS)}")
     suite = _suite_of_data(paths)
+    _record_data_settings(cfg, paths)
     dataset = WindowDataset(paths, ENCODERS[enc_name].keys, *horizons(cfg, suite))
     shape_meta = {k: list(v) for k, v in dataset.shapes.items()}
     config = policy_config(cfg, shape_meta, suite)

@@ -193,3 +193,25 @@ def test_periodic_evaluation_and_top5_metric(dataset, tmp_path, capsys):
     capsys.readouterr()
     msg = one_line_error(capsys, main(["eval", f"ckpt={bare}", "metric=top5"]), "eval")
     assert "eval_every" in msg or "evals.jsonl" in msg
+
+
+def test_checkpoints_act_with_the_settings_of_their_data(dataset, tmp_path):
+    """The data were collected with 64 points; a plain eval (no env overrides) and a changed
+    episode length still act with 64 points, and a suite-level user change wins."""
+    from sodp3d.checkpoint import acting_env_config, load_checkpoint
+    from sodp3d.envs import default_env_config, task_settings
+
+    run = tmp_path / "settings"
+    assert pretrain(dataset, run, "steps=2") == 0
+    payload = load_checkpoint(run / "checkpoints" / "latest.ckpt")
+    plain = task_settings("reach-v3", acting_env_config(default_env_config(), payload))
+    assert (plain.num_points, plain.height) == (64, 32)
+    longer = default_env_config()
+    longer.metaworld.episode_length = 77
+    s = task_settings("push-v3", acting_env_config(longer, payload))
+    assert (s.num_points, s.episode_length) == (64, 77)
+    more = default_env_config()
+    more.metaworld.num_points = 100
+    assert task_settings("reach-v3", acting_env_config(more, payload)).num_points == 100
+    rc = main(["eval", f"ckpt={run}", "task=reach-v3", "episodes=1", "num_envs=1", "env.metaworld.episode_length=24"])
+    assert rc == 0
