@@ -572,27 +572,28 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
 
     from sodp3d.checkpoint import acting_env_config, checkpoint_path
 
+    payload = load_checkpoint(checkpoint_path(cfg.ckpt))
     with open_dict(cfg):
-        cfg.env = acting_env_config(cfg.env, load_checkpoint(checkpoint_path(cfg.ckpt)))
+        cfg.env = acting_env_config(cfg.env, payload)
+    policy_config = payload.get("policy_config", {})
+    del payload
     out = Path(str(cfg.out))
     summaries = []
     for task in tasks:
         run = out / task if len(tasks) > 1 else out
         summaries.append(finetune_task(cfg, task, run, device))
     table = results_table(summaries, int(cfg.eval.episodes), eval_etas(cfg))
-    results = results_record(cfg, summaries)
+    results = results_record(cfg, summaries, policy_config)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "results.md", table + "\n")
     write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     return {"out": str(out), "table": table, "summaries": summaries, "results": results}
 
 
-def results_record(cfg: DictConfig, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+def results_record(cfg: DictConfig, summaries: list[dict[str, Any]], pc: dict[str, Any]) -> dict[str, Any]:
     """What ``sodp3d report`` reads: the run's variant (seed, regulariser, init, encoder,
-    U-Net) and per task the success before and after fine-tuning, with the learning curve."""
-    from sodp3d.checkpoint import checkpoint_path, load_checkpoint
-
-    pc = load_checkpoint(checkpoint_path(cfg.ckpt)).get("policy_config", {})
+    U-Net from the policy config ``pc``) and per task the success before and after
+    fine-tuning, with the learning curve."""
     return {
         "kind": "finetune",
         "metric": METRIC.format(episodes=int(cfg.eval.episodes), eta=eval_etas(cfg)[0]),
