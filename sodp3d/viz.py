@@ -129,13 +129,15 @@ def _colours(cloud: np.ndarray, zlim: tuple[float, float]) -> np.ndarray:
 
 
 def _limits(clouds: list[np.ndarray], paths: list[np.ndarray], crop) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed axis limits for a whole animation: the crop box, or the data's extent."""
-    if crop is not None:
-        return crop
+    """Fixed axis limits for a whole animation: the extent of the clouds and paths
+    (0.5 to 99.5 percentiles, padded), inside the crop box when there is one."""
     pts = np.concatenate([c[:, :3] for c in clouds] + [p for p in paths if p is not None and len(p)])
     low, high = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
     pad = 0.05 * np.maximum(high - low, 1e-3)
-    return low - pad, high + pad
+    low, high = low - pad, high + pad
+    if crop is not None:
+        low, high = np.maximum(low, crop[0]), np.minimum(high, crop[1])
+    return low, high
 
 
 def _draw(ax, cloud, lim, executed=None, predicted=None, title="", point_size: float | None = None) -> None:
