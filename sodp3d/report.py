@@ -58,33 +58,40 @@ def load_entries(files: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
     for f in files:
         try:
             rec = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{f} is not a readable results file ({type(e).__name__})") from None
         kind = rec.get("kind") if isinstance(rec, dict) else None
-        if kind == "finetune":
-            metrics.append(rec["metric"])
-            seed = int(rec["seed"])
-            for t in rec["tasks"]:
-                if t.get("pretrained_success") is not None and rec["init"] == "pretrained":
-                    key = (_pretrained_label(rec), rec.get("ckpt"), seed, t["task"])
-                    entries.setdefault(key, {"variant": key[0], "seed": seed, "task": t["task"],
-                                             "success": t["pretrained_success"], "history": None, "source": str(f)})
-                if t.get("finetuned_success") is not None:
-                    key = (_finetuned_label(rec), str(f), seed, t["task"])
-                    entries[key] = {"variant": key[0], "seed": seed, "task": t["task"], "success": t["finetuned_success"],
-                                    "history": t.get("history"), "source": str(f)}
-        elif kind == "eval":
-            metrics.append(rec["metric"])
-            label = f"evaluated ({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
-            for t in rec["tasks"]:
-                for seed, rate in zip(rec["seeds"], t["per_seed_success_rate"]):
-                    key = (label, rec.get("checkpoint"), int(seed), t["task"])
-                    entries[key] = {"variant": label, "seed": int(seed), "task": t["task"], "success": rate,
-                                    "history": None, "source": str(f)}
-        else:
+        if kind not in ("finetune", "eval"):
             raise UserError(f"{f} is not a results file of sodp3d finetune, demo or eval (kind={kind!r}); "
                             "results written before this version lack 'kind': re-run the command")
+        try:
+            _add_record(rec, f, entries, metrics)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{f} is a damaged {kind} results file ({type(e).__name__}: {e})") from None
     return list(entries.values()), list(dict.fromkeys(metrics))
+
+
+def _add_record(rec: dict[str, Any], f: Path, entries: dict[tuple, dict[str, Any]], metrics: list[str]) -> None:
+    if rec["kind"] == "finetune":
+        metrics.append(rec["metric"])
+        seed = int(rec["seed"])
+        for t in rec["tasks"]:
+            if t.get("pretrained_success") is not None and rec["init"] == "pretrained":
+                key = (_pretrained_label(rec), rec.get("ckpt"), seed, t["task"])
+                entries.setdefault(key, {"variant": key[0], "seed": seed, "task": t["task"],
+                                         "success": float(t["pretrained_success"]), "history": None, "source": str(f)})
+            if t.get("finetuned_success") is not None:
+                key = (_finetuned_label(rec), str(f), seed, t["task"])
+                entries[key] = {"variant": key[0], "seed": seed, "task": t["task"],
+                                "success": float(t["finetuned_success"]), "history": t.get("history"), "source": str(f)}
+    else:
+        metrics.append(rec["metric"])
+        label = f"evaluated ({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
+        for t in rec["tasks"]:
+            for seed, rate in zip(rec["seeds"], t["per_seed_success_rate"]):
+                key = (label, rec.get("checkpoint"), int(seed), t["task"])
+                entries[key] = {"variant": label, "seed": int(seed), "task": t["task"], "success": float(rate),
+                                "history": None, "source": str(f)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

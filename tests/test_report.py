@@ -91,9 +91,14 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "results.json").write_text("{not json")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "results.json").write_text(json.dumps({"kind": "finetune", "metric": "m", "seed": 0, "init": "pretrained",
+                                                      "tasks": [{"task": "x", "finetuned_success": 0.5}]}))  # no 'reg'
     for args, words in [([], "no runs given"), ([f"runs=[{tmp_path / 'empty'}]"], "holds no results.json"),
                         ([f"runs=[{tmp_path / 'nowhere'}]"], "no run at"), ([f"runs=[{foreign}]"], "not a results file"),
-                        ([f"runs=[{broken}]"], "not a readable results file")]:
+                        ([f"runs=[{broken}]"], "not a readable results file"),
+                        ([f"runs=[{damaged}]"], "damaged finetune results file")]:
         rc = main(["report", *args, f"out={tmp_path / 'out'}"])
         err = capsys.readouterr().err
         assert rc == 2 and "Traceback" not in err and words in err, (args, err)
