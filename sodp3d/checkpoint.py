@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        # Garbage makes the unpickler warn before it fails; keep its warnings for readable files only.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - garbage bytes fail inside the unpickler in many ways
