@@ -14,6 +14,8 @@ Adding an encoder is one file and one line:
      defaults (the registry reads this signature, so an unknown option is rejected);
      call ``super().__init__(shape_meta)`` (it checks the keys are there); set
      ``self.out_dim``; ``forward(obs) -> (B, out_dim)``. Put a shape legend at the top.
+     A point encoder with DP3's agent_pos branch subclasses ``base.PointCloudEncoder``
+     instead and only writes its point branch (``point_features``), as dp3 and pointnet do.
   2. one line in ``ENCODERS`` below.
 The tests in ``tests/test_encoders.py`` are parametrised over ``ENCODERS`` and pick it up.
 """

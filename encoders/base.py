@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from sodp3d.errors import UserError
@@ -50,6 +51,36 @@ class Encoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"keys={self.keys}, out_dim={self.out_dim}"
+
+
+class PointCloudEncoder(Encoder):
+    """A point branch next to DP3's agent_pos MLP, concatenated:
+    (point_cloud (B, N, C), agent_pos (B, Dp)) -> (B, point features + 64).
+
+    Subclasses build their point branch, then call ``add_agent_pos_branch`` (after it, so
+    parameters are created, and seeded, in the same order as DP3's), and implement
+    ``point_features``.
+    """
+
+    keys = ("point_cloud", "agent_pos")
+
+    def __init__(self, shape_meta: ShapeMeta, use_rgb: bool):
+        super().__init__(shape_meta)
+        self.use_rgb = boolean("use_rgb", use_rgb)
+        self.in_channels = point_channels(self.shape_meta, self.use_rgb)
+
+    def add_agent_pos_branch(self, point_dim: int) -> None:
+        self.agent_pos_mlp = agent_pos_mlp(vector_dim(self.shape_meta, "agent_pos"))
+        self.out_dim = point_dim + self.agent_pos_mlp[-1].out_features
+
+    def point_features(self, points: Tensor) -> Tensor:
+        """points: (B, N, in_channels) -> (B, point features)."""
+        raise NotImplementedError
+
+    def forward(self, obs: Mapping[str, Tensor]) -> Tensor:
+        """obs["point_cloud"]: (B, N, C), obs["agent_pos"]: (B, Dp) -> (B, F)."""
+        x = self.point_features(obs["point_cloud"][..., : self.in_channels])  # xyz, or xyz+rgb
+        return torch.cat([x, self.agent_pos_mlp(obs["agent_pos"])], dim=-1)
 
 
 # ---------------------------------------------------------------------------- checks

@@ -21,20 +21,16 @@ projection's LayerNorm (DP3's ``final_norm='none'``). ``use_rgb=True`` feeds xyz
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
-import torch
 from torch import Tensor, nn
 
-from .base import Encoder, ShapeMeta, agent_pos_mlp, boolean, point_channels, point_layer, positive_int, vector_dim
+from .base import PointCloudEncoder, ShapeMeta, boolean, point_layer, positive_int
 
 BLOCK_CHANNELS = (64, 128, 256)
 
 
-class DP3Encoder(Encoder):
+class DP3Encoder(PointCloudEncoder):
     """(point_cloud (B, N, C), agent_pos (B, Dp)) -> (B, out_channels + 64)."""
-
-    keys = ("point_cloud", "agent_pos")
 
     def __init__(
         self,
@@ -44,12 +40,10 @@ class DP3Encoder(Encoder):
         final_norm: bool = True,
         use_rgb: bool = False,
     ):
-        super().__init__(shape_meta)
+        super().__init__(shape_meta, use_rgb)
         out_channels = positive_int("out_channels", out_channels)
         use_layernorm = boolean("use_layernorm", use_layernorm)
         final_norm = boolean("final_norm", final_norm)
-        self.use_rgb = boolean("use_rgb", use_rgb)
-        self.in_channels = point_channels(self.shape_meta, self.use_rgb)
 
         layers: list[nn.Module] = []
         c_in = self.in_channels
@@ -61,14 +55,9 @@ class DP3Encoder(Encoder):
         if final_norm:
             projection.append(nn.LayerNorm(out_channels))
         self.final_projection = nn.Sequential(*projection)
-        self.agent_pos_mlp = agent_pos_mlp(vector_dim(self.shape_meta, "agent_pos"))
-        self.out_dim = out_channels + self.agent_pos_mlp[-1].out_features
+        self.add_agent_pos_branch(out_channels)
 
-    def forward(self, obs: Mapping[str, Tensor]) -> Tensor:
-        """obs["point_cloud"]: (B, N, C), obs["agent_pos"]: (B, Dp) -> (B, F)."""
-        points = obs["point_cloud"][..., : self.in_channels]  # (B, N, 3 or 6)
+    def point_features(self, points: Tensor) -> Tensor:
+        """points: (B, N, 3 or 6) -> (B, out_channels)."""
         x = self.mlp(points)  # (B, N, 256)
-        x = x.max(dim=1).values  # (B, 256)
-        x = self.final_projection(x)  # (B, out_channels)
-        a = self.agent_pos_mlp(obs["agent_pos"])  # (B, 64)
-        return torch.cat([x, a], dim=-1)
+        return self.final_projection(x.max(dim=1).values)  # max-pool, then (B, out_channels)

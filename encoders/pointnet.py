@@ -21,22 +21,19 @@ and a single projection of the last stage.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .base import Encoder, ShapeMeta, agent_pos_mlp, boolean, point_channels, point_layer, positive_int, vector_dim
+from .base import PointCloudEncoder, ShapeMeta, boolean, point_layer, positive_int
 
 
 def _stage(c_in: int, c_out: int, use_layernorm: bool) -> nn.Sequential:
     return nn.Sequential(*point_layer(c_in, c_out, use_layernorm))
 
 
-class PointNetEncoder(Encoder):
+class PointNetEncoder(PointCloudEncoder):
     """(point_cloud (B, N, C), agent_pos (B, Dp)) -> (B, out_channels + 64)."""
-
-    keys = ("point_cloud", "agent_pos")
 
     def __init__(
         self,
@@ -47,30 +44,25 @@ class PointNetEncoder(Encoder):
         use_layernorm: bool = True,
         use_rgb: bool = False,
     ):
-        super().__init__(shape_meta)
+        super().__init__(shape_meta, use_rgb)
         stages = positive_int("stages", stages)
         hidden = positive_int("hidden", hidden)
         out_channels = positive_int("out_channels", out_channels)
         use_layernorm = boolean("use_layernorm", use_layernorm)
-        self.use_rgb = boolean("use_rgb", use_rgb)
-        self.in_channels = point_channels(self.shape_meta, self.use_rgb)
 
         self.stages = nn.ModuleList(
             [_stage(self.in_channels, hidden, use_layernorm)]
             + [_stage(2 * hidden, hidden, use_layernorm) for _ in range(stages - 1)]
         )
         self.final_projection = nn.Linear(hidden, out_channels)
-        self.agent_pos_mlp = agent_pos_mlp(vector_dim(self.shape_meta, "agent_pos"))
-        self.out_dim = out_channels + self.agent_pos_mlp[-1].out_features
+        self.add_agent_pos_branch(out_channels)
 
-    def forward(self, obs: Mapping[str, Tensor]) -> Tensor:
-        """obs["point_cloud"]: (B, N, C), obs["agent_pos"]: (B, Dp) -> (B, F)."""
-        x = obs["point_cloud"][..., : self.in_channels]  # (B, N, 3 or 6)
+    def point_features(self, points: Tensor) -> Tensor:
+        """points: (B, N, 3 or 6) -> (B, out_channels)."""
+        x = points
         for i, stage in enumerate(self.stages):
             if i > 0:
                 pooled = x.max(dim=1, keepdim=True).values  # (B, 1, H)
                 x = torch.cat([x, pooled.expand_as(x)], dim=-1)  # (B, N, 2H)
             x = stage(x)  # (B, N, H)
-        x = self.final_projection(x.max(dim=1).values)  # (B, out_channels)
-        a = self.agent_pos_mlp(obs["agent_pos"])  # (B, 64)
-        return torch.cat([x, a], dim=-1)
+        return self.final_projection(x.max(dim=1).values)  # (B, out_channels)
