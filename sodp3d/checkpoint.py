@@ -69,18 +69,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def policy_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
-    """The policy of a checkpoint, ready to act (EMA weights when present)."""
+    """(the policy of a checkpoint, ready to act (EMA weights when present), the payload)."""
+    payload = load_checkpoint(path)
+    return policy_from_payload(payload, device, use_ema, source=str(path)), payload
+
+
+def policy_from_payload(payload: dict[str, Any], device: str | torch.device = "cpu", use_ema: bool = True,
+                        source: str = "the checkpoint"):
+    """The policy of a loaded checkpoint (EMA weights when present), in eval mode."""
     from sodp3d.policy import DiffusionPolicy, PolicyConfig
 
-    payload = load_checkpoint(path)
     config = PolicyConfig(**payload["policy_config"])
     policy = DiffusionPolicy(config)
     state = payload.get("ema_policy") if use_ema and payload.get("ema_policy") is not None else payload["policy"]
     try:
         policy.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the policy its config describes ({str(e).splitlines()[0]})") from None
-    return policy.to(device).eval(), payload
+        raise UserError(f"{source}: weights do not fit the policy its config describes ({str(e).splitlines()[0]})") from None
+    return policy.to(device).eval()
 
 
 def checkpoint_path(path: str | Path) -> Path:

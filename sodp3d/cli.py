@@ -73,12 +73,7 @@ def _run_eval(cfg) -> int:
     if not isinstance(cfg.episodes, int) or not isinstance(cfg.num_envs, int) or cfg.num_envs <= 0:
         raise UserError(f"episodes and num_envs must be positive integers, got {cfg.episodes!r}, {cfg.num_envs!r}")
     policy, payload = policy_from_checkpoint(ckpt, device=resolve_device(str(cfg.device)), use_ema=bool(cfg.use_ema))
-    sampler = None
-    if cfg.get("eta") is not None:
-        from sodp3d.diffusion import DDIMSampler
-
-        sampler = DDIMSampler(policy.schedule, num_steps=policy.config.num_inference_steps, eta=float(cfg.eta),
-                              min_std=float(cfg.min_std))
+    sampler = None if cfg.get("eta") is None else policy.ddim(float(cfg.eta), float(cfg.min_std))
     results = evaluate(policy, tasks, cfg.episodes, [int(s) for s in seeds], cfg.num_envs,
                        acting_env_config(cfg.env, payload), sampler=sampler)
     results.update({"kind": "eval", "checkpoint": str(ckpt), "encoder": policy.config.encoder,

@@ -92,7 +92,8 @@ def _demo(cfg: DictConfig) -> dict[str, Any]:
     collect(_sub_config("collect", cfg, "collect", {"task": tasks, "out": str(paths["data"]), "seed": int(cfg.seed)}))
     timed("collect", t0)
     data = EpisodeDataset(paths["data"])
-    print(format_table(data.summary()))
+    per_task = data.summary()
+    print(format_table(per_task))
 
     _stage(f"2/4 pre-train: {cfg.policy.unet} U-Net + {cfg.encoder.name} encoder, {cfg.pretrain.steps} steps, reward-free")
     t0 = time.perf_counter()
@@ -115,7 +116,7 @@ def _demo(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     results = dict(ft["results"])
     results.update({"demo": str(cfg.name), "pretrain_tasks": tasks, "pretrain_steps": pre["steps"],
-                    "dataset": {"episodes": data.n_episodes, "steps": data.n_steps, "per_task": data.summary()}})
+                    "dataset": {"episodes": data.n_episodes, "steps": data.n_steps, "per_task": per_task}})
     files = {"curves": finetune_curves(ft["summaries"], run / "curves.png",
                                        title=f"fine-tuning (reg={cfg.reg}), {cfg.name}")}
     files.update(_rollout(cfg, paths, ft_tasks[0]))
@@ -145,44 +146,10 @@ def _rollout(cfg: DictConfig, paths: dict[str, Path], task: str) -> dict[str, Pa
 
 
 def demo_table(results: dict[str, Any]) -> str:
-    """Per task: success before and after fine-tuning, and the change, at each evaluation
-    eta (the headline first), with an average row."""
+    """The fine-tuning table without the run columns (one regulariser, one budget), and the time."""
+    from sodp3d.finetune import results_table
 
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.0f}%"
-
-    rows = results["tasks"]
-    etas = [b["eta"] for b in rows[0]["by_eta"]] if rows else []
-    lines = [f"Metric: {results['metric']}."]
-    if len(etas) > 1:
-        lines[0] += (" The eta = 1 columns sample as fine-tuning does (each denoising step a Gaussian, std floored at "
-                     "0.1): the policy PPO optimises.")
-    head, rule = "| task |", "|---|"
-    for e in etas:
-        tag = "" if e == etas[0] and len(etas) == 1 else f" (eta = {e:g})"
-        head += f" pre-trained{tag} | fine-tuned{tag} | change |"
-        rule += "---:|---:|---:|"
-    lines += ["", head, rule]
-
-    def cells(pairs: list[tuple[float | None, float | None]], bold: bool = False) -> str:
-        out = ""
-        for a, b in pairs:
-            change = "-" if a is None or b is None else f"{100 * (b - a):+.0f}"
-            vals = [pct(a), pct(b), change]
-            out += "".join(f" **{v}** |" if bold else f" {v} |" for v in vals)
-        return out
-
-    for r in rows:
-        lines.append(f"| {r['task']} |" + cells([(b["pretrained_success"], b["finetuned_success"]) for b in r["by_eta"]]))
-    if rows:
-        avg = []
-        for i in range(len(etas)):
-            pairs = [(r["by_eta"][i]["pretrained_success"], r["by_eta"][i]["finetuned_success"]) for r in rows]
-            if all(a is not None and b is not None for a, b in pairs):
-                avg.append((sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs)))
-            else:
-                avg.append((None, None))
-        lines.append("| **average** |" + cells(avg, bold=True))
+    lines = [results_table(results, run_columns=False)]
     s = results.get("seconds", {})
     if s:
         lines += ["", "Time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in s.items())

@@ -312,8 +312,7 @@ class FineTuner:
         self.reg_name = str(a.reg)
         if self.reg_name not in REGULARISERS:
             raise UserError(f"unknown regulariser reg={self.reg_name}; valid: {', '.join(REGULARISERS)}")
-        self.sampler = DDIMSampler(policy.schedule, num_steps=policy.config.num_inference_steps, eta=float(a.eta),
-                                   min_std=float(a.min_std))
+        self.sampler = policy.ddim(float(a.eta), float(a.min_std))
         self.clip = float(a.clip)
         self.reg_weight = float(a.reg_weight)
         self.p_step = int(a.p_step)
@@ -405,31 +404,30 @@ class FineTuner:
 
 # ---------------------------------------------------------------------------------------
 # The command
-def _load_policy(cfg: DictConfig, device: torch.device) -> tuple[DiffusionPolicy, DiffusionPolicy]:
-    """(policy to fine-tune, the pre-trained policy as loaded) from cfg.ckpt and cfg.init."""
-    from sodp3d.checkpoint import checkpoint_path, policy_from_checkpoint
-
-    pretrained, _ = policy_from_checkpoint(checkpoint_path(cfg.ckpt), device=device, use_ema=True)
+def _initial_policy(cfg: DictConfig, pretrained: DiffusionPolicy, device: torch.device) -> DiffusionPolicy:
+    """The policy to fine-tune, from the pre-trained one (left untouched) and cfg.init."""
     init = str(cfg.init)
     if init == "pretrained":
-        return copy.deepcopy(pretrained), pretrained
+        return copy.deepcopy(pretrained)
     if init == "scratch":
         torch.manual_seed(int(cfg.seed))
         fresh = DiffusionPolicy(PolicyConfig(**pretrained.config.to_dict()))
         fresh.normalizer.load_state_dict(pretrained.normalizer.state_dict())  # data statistics only
-        return fresh.to(device), pretrained
+        return fresh.to(device)
     raise UserError(f"unknown init '{init}'; valid: pretrained, scratch")
 
 
-def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device) -> dict[str, Any]:
-    """Fine-tune one task; returns its summary (pre-trained and fine-tuned success)."""
+def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
+                  pretrained: DiffusionPolicy) -> dict[str, Any]:
+    """Fine-tune one task from ``pretrained`` (not modified; the KL regulariser's
+    reference); returns its summary (pre-trained and fine-tuned success)."""
     from tqdm import tqdm
 
     from sodp3d.envs import make_vector_env
     from sodp3d.evaluate import check_policy_fits, evaluate_task
     from sodp3d.pretrain import RunLogger
 
-    policy, pretrained = _load_policy(cfg, device)
+    policy = _initial_policy(cfg, pretrained, device)
     check_policy_fits(policy, task, cfg.env)
     algo = cfg.algo
     ft = FineTuner(policy, algo, device, int(cfg.seed), reference=pretrained)
@@ -443,8 +441,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device) -
         state = payload["finetune_state"]
     etas = eval_etas(cfg)
     # One DDIM sampler per evaluation eta; eta = 1 is the sampler fine-tuning optimises.
-    samplers = [DDIMSampler(policy.schedule, num_steps=policy.config.num_inference_steps, eta=e,
-                            min_std=float(algo.min_std)) for e in etas]
+    samplers = [policy.ddim(e, float(algo.min_std)) for e in etas]
 
     def rate_of(tag: str, eta: float) -> float | None:
         return next((e["success_rate"] for e in state["evals"] if e["tag"] == tag and e.get("eta", 0.0) == eta), None)
@@ -565,42 +562,44 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
     if str(cfg.algo.reg) not in REGULARISERS:
         raise UserError(f"unknown regulariser reg={cfg.algo.reg}; valid: {', '.join(REGULARISERS)}")
-    eval_etas(cfg)
+    etas = eval_etas(cfg)
     device = resolve_device(str(cfg.device))
-    # Act with the observation settings the checkpoint was trained with (plus the user's changes).
     from omegaconf import open_dict
 
-    from sodp3d.checkpoint import acting_env_config, checkpoint_path
+    from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_payload
 
+    # One read of the pre-trained checkpoint: its policy, and the observation settings it
+    # was trained with (plus the user's changes) to act with.
     payload = load_checkpoint(checkpoint_path(cfg.ckpt))
+    pretrained = policy_from_payload(payload, device, use_ema=True, source=str(checkpoint_path(cfg.ckpt)))
     with open_dict(cfg):
         cfg.env = acting_env_config(cfg.env, payload)
-    policy_config = payload.get("policy_config", {})
     del payload
     out = Path(str(cfg.out))
     summaries = []
     for task in tasks:
         run = out / task if len(tasks) > 1 else out
-        summaries.append(finetune_task(cfg, task, run, device))
-    table = results_table(summaries, int(cfg.eval.episodes), eval_etas(cfg))
-    results = results_record(cfg, summaries, policy_config)
+        summaries.append(finetune_task(cfg, task, run, device, pretrained))
+    results = results_record(cfg, summaries, pretrained.config, etas)
+    table = results_table(results)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "results.md", table + "\n")
     write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     return {"out": str(out), "table": table, "summaries": summaries, "results": results}
 
 
-def results_record(cfg: DictConfig, summaries: list[dict[str, Any]], pc: dict[str, Any]) -> dict[str, Any]:
+def results_record(cfg: DictConfig, summaries: list[dict[str, Any]], pc: PolicyConfig,
+                   etas: list[float]) -> dict[str, Any]:
     """What ``sodp3d report`` reads: the run's variant (seed, regulariser, init, encoder,
-    U-Net from the policy config ``pc``) and per task the success before and after
-    fine-tuning, with the learning curve."""
+    U-Net) and per task the success before and after fine-tuning at each evaluation eta,
+    with the learning curve."""
     return {
         "kind": "finetune",
-        "metric": METRIC.format(episodes=int(cfg.eval.episodes), eta=eval_etas(cfg)[0]),
-        "eval_etas": eval_etas(cfg),
+        "metric": METRIC.format(episodes=int(cfg.eval.episodes), eta=etas[0]),
+        "eval_etas": etas,
         "eval_episodes": int(cfg.eval.episodes),
         "seed": int(cfg.seed), "reg": str(cfg.algo.reg), "init": str(cfg.init),
-        "encoder": pc.get("encoder"), "unet": pc.get("unet"), "ckpt": str(cfg.ckpt),
+        "encoder": pc.encoder, "unet": pc.unet, "ckpt": str(cfg.ckpt),
         "env_steps": int(cfg.env_steps),
         "tasks": summaries,
     }
@@ -613,18 +612,41 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def results_table(summaries: list[dict[str, Any]], episodes: int, etas: list[float] | None = None) -> str:
-    """Markdown: per task, success before and after fine-tuning at each evaluation eta."""
-    etas = etas or [0.0]
-    lines = [f"Metric: {METRIC.format(episodes=episodes, eta=etas[0])}."]
+def results_table(results: dict[str, Any], run_columns: bool = True) -> str:
+    """Markdown of a results record: per task (and, with ``run_columns``, its regulariser,
+    init and budget) the success before and after fine-tuning and the change, at each
+    evaluation eta, then the average over the tasks."""
+    rows = results["tasks"]
+    etas = [b["eta"] for b in rows[0]["by_eta"]] if rows else list(results.get("eval_etas", [0.0]))
+    lines = [f"Metric: {results['metric']}."]
     if len(etas) > 1:
-        lines[0] += " Columns marked eta = 1 sample as fine-tuning does (the policy PPO optimises)."
-    head = "| task | reg | init | env steps |"
+        lines[0] += (" The eta = 1 columns sample as fine-tuning does (every denoising step a Gaussian): "
+                     "the policy PPO optimises.")
+    head, rule = ("| task | reg | init | env steps |", "|---|---|---|---:|") if run_columns else ("| task |", "|---|")
     for e in etas:
         tag = "" if len(etas) == 1 else f" (eta = {e:g})"
-        head += f" pre-trained{tag} | fine-tuned{tag} |"
-    lines += ["", head, "|---|---|---|---:|" + "---:|---:|" * len(etas)]
-    for s in summaries:
-        cells = "".join(f" {_pct(b['pretrained_success'])} | {_pct(b['finetuned_success'])} |" for b in s["by_eta"])
-        lines.append(f"| {s['task']} | {s['reg']} | {s['init']} | {s['env_steps']} |" + cells)
+        head += f" pre-trained{tag} | fine-tuned{tag} | change |"
+        rule += "---:|---:|---:|"
+    lines += ["", head, rule]
+
+    def cells(pairs: list[tuple[float | None, float | None]], bold: bool = False) -> str:
+        out = ""
+        for a, b in pairs:
+            change = "-" if a is None or b is None else f"{100 * (b - a):+.0f}"
+            out += "".join(f" **{v}** |" if bold else f" {v} |" for v in (_pct(a), _pct(b), change))
+        return out
+
+    for r in rows:
+        run = f" {r['reg']} | {r['init']} | {r['env_steps']} |" if run_columns else ""
+        lines.append(f"| {r['task']} |{run}" + cells([(b["pretrained_success"], b["finetuned_success"])
+                                                       for b in r["by_eta"]]))
+    if rows:
+        avg = []
+        for i in range(len(etas)):
+            pairs = [(r["by_eta"][i]["pretrained_success"], r["by_eta"][i]["finetuned_success"]) for r in rows]
+            done = all(a is not None and b is not None for a, b in pairs)
+            avg.append((sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs))
+                       if done else (None, None))
+        blank = " | | |" if run_columns else ""
+        lines.append(f"| **average** |{blank}" + cells(avg, bold=True))
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sodp3d.files import temp_path
+from sodp3d.files import atomic_write
 
 Curve = tuple[str, np.ndarray, np.ndarray, np.ndarray | None]
 RATE = {"success rate": (-0.03, 1.03), "training success rate": (-0.03, 1.03)}
@@ -21,12 +21,9 @@ def _save(fig, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
-    return path
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    return Path(path)
 
 
 def curve_grid(columns: list[str], rows: list[str], curves: dict[tuple[str, str], list[Curve]], path: str | Path,

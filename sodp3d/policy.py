@@ -89,7 +89,7 @@ class DiffusionPolicy(nn.Module):
         self.model = build_unet(config.unet, self.action_dim, self.cond_dim, **config.unet_kwargs)
         self.model.check_horizon(config.horizon)  # fail at build time, not at the first forward
         self.schedule = NoiseSchedule(config.num_train_steps, config.beta_schedule, config.prediction_type)
-        self.sampler = DDIMSampler(self.schedule, num_steps=config.num_inference_steps, eta=config.eta)
+        self.sampler = self.ddim(config.eta)
         dims = {"action": self.action_dim}
         for k in self.obs_keys:
             dims[k] = 3 if k == "point_cloud" else int(meta[k][-1])
@@ -129,6 +129,11 @@ class DiffusionPolicy(nn.Module):
     def denoiser(self, cond: torch.Tensor):
         """model_fn(x_k (B, Tp, Da), k (B,)) for the sampler, conditioned on cond (B, G)."""
         return lambda x, k: self.model(x, k, cond)
+
+    def ddim(self, eta: float, min_std: float = 0.0) -> DDIMSampler:
+        """A DDIM sampler over this policy's schedule and S steps, with another eta (1 for
+        fine-tuning: every step a Gaussian, its std floored at ``min_std``)."""
+        return DDIMSampler(self.schedule, num_steps=self.config.num_inference_steps, eta=eta, min_std=min_std)
 
     def executed(self, action_pred: torch.Tensor) -> torch.Tensor:
         """The Ta executed steps of a predicted (B, Tp, Da) sequence."""

@@ -23,7 +23,7 @@ import gymnasium as gym
 import numpy as np
 
 from sodp3d.errors import UserError
-from sodp3d.files import temp_path
+from sodp3d.files import atomic_write
 
 
 @dataclass
@@ -49,6 +49,10 @@ class RolloutRecord:
     @property
     def steps(self) -> int:
         return len(self.executed) - 1
+
+    def limits(self) -> tuple[np.ndarray, np.ndarray]:
+        """Axis limits that hold every frame of the episode."""
+        return _limits([f.cloud for f in self.frames], [self.executed] + [f.predicted for f in self.frames], self.crop)
 
 
 class _PathRecorder(gym.Wrapper):
@@ -165,57 +169,48 @@ def _draw(ax, cloud, lim, executed=None, predicted=None, title="", point_size: f
     ax.set_title(title, fontsize=9)
 
 
-def rollout_gif(record: RolloutRecord, path: str | Path, fps: float = 4.0, size: tuple[float, float] = (5.0, 4.5),
-                dpi: int = 90) -> Path:
-    """An animated GIF, one frame per decision, written atomically."""
+def _frame_image(cloud, lim, executed, predicted, title: str, legend: bool, size: tuple[float, float], dpi: int):
+    """One 3-D view rendered off screen (Agg) to a PIL image."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from PIL import Image
 
-    if not record.frames:
-        raise UserError("the rollout has no frames")
-    lim = _limits([f.cloud for f in record.frames], [record.executed] + [f.predicted for f in record.frames],
-                  record.crop)
-    images = []
-    for f in record.frames:
-        fig = Figure(figsize=size, dpi=dpi)
-        canvas = FigureCanvasAgg(fig)
-        ax = fig.add_subplot(projection="3d")
-        status = "success" if f.success else "not yet"
-        _draw(ax, f.cloud, lim, record.executed[: f.executed_upto], f.predicted,
-              f"{record.task}  seed {record.seed}  step {f.step}\nreturn {f.ret:.1f}  {status}")
-        if f is record.frames[0]:
-            ax.legend(loc="upper left", fontsize=7)
-        fig.subplots_adjust(left=0, right=1, bottom=0, top=0.9)
-        canvas.draw()
-        images.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]))
-    # A last frame holds the outcome for a moment.
-    end = record.frames[-1]
     fig = Figure(figsize=size, dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(projection="3d")
-    _draw(ax, end.cloud, lim, record.executed, None,
-          f"{record.task}  seed {record.seed}  end, {record.steps} steps\nreturn {record.ret:.1f}  "
-          f"{'success' if record.success else 'failure'}")
+    _draw(ax, cloud, lim, executed, predicted, title)
+    if legend:
+        ax.legend(loc="upper left", fontsize=7)
     fig.subplots_adjust(left=0, right=1, bottom=0, top=0.9)
     canvas.draw()
-    images.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
+
+
+def rollout_gif(record: RolloutRecord, path: str | Path, fps: float = 4.0, size: tuple[float, float] = (5.0, 4.5),
+                dpi: int = 90) -> Path:
+    """An animated GIF, one frame per decision and a last one that holds the outcome,
+    written atomically."""
+    if not record.frames:
+        raise UserError("the rollout has no frames")
+    lim = record.limits()
+    head = f"{record.task}  seed {record.seed}"
+    images = [_frame_image(f.cloud, lim, record.executed[: f.executed_upto], f.predicted,
+                           f"{head}  step {f.step}\nreturn {f.ret:.1f}  {'success' if f.success else 'not yet'}",
+                           i == 0, size, dpi) for i, f in enumerate(record.frames)]
+    images.append(_frame_image(record.frames[-1].cloud, lim, record.executed, None,
+                               f"{head}  end, {record.steps} steps\nreturn {record.ret:.1f}  "
+                               f"{'success' if record.success else 'failure'}", False, size, dpi))
     durations = [int(1000 / fps)] * (len(images) - 1) + [2000]
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
-    tmp.replace(path)
-    return path
+    with atomic_write(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
+    return Path(path)
 
 
 def rollout_html(record: RolloutRecord, path: str | Path) -> Path:
     """An interactive page: the cloud and paths per decision, a slider and a play button."""
     import plotly.graph_objects as go
 
-    lim = _limits([f.cloud for f in record.frames], [record.executed] + [f.predicted for f in record.frames],
-                  record.crop)
-    low, high = lim
+    low, high = record.limits()
 
     def traces(f: Frame) -> list:
         keep = np.all((f.cloud[:, :3] >= low) & (f.cloud[:, :3] <= high), axis=1)
@@ -253,12 +248,9 @@ def rollout_html(record: RolloutRecord, path: str | Path) -> Path:
              "args": [[None], {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}]}]}],
         sliders=[{"steps": steps, "currentvalue": {"prefix": "step "}}],
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    fig.write_html(tmp, include_plotlyjs=True, auto_play=False)
-    tmp.replace(path)
-    return path
+    with atomic_write(path) as tmp:
+        fig.write_html(tmp, include_plotlyjs=True, auto_play=False)
+    return Path(path)
 
 
 def pick_episodes(tasks: list[str] | None, n_episodes: int, count: int) -> list[int]:
@@ -318,12 +310,9 @@ def dataset_figure(data_path: str | Path, path: str | Path, episodes: int = 6, m
             _draw(ax, ep["point_cloud"][t], lim, None if ee is None else ee[: t + 1], None, title)
     fig.tight_layout()
     canvas.draw()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path, rows
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp)
+    return Path(path), rows
 
 
 # ---------------------------------------------------------------------------------------

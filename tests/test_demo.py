@@ -46,9 +46,11 @@ def test_a_rerun_resumes_instead_of_redoing(demo_run, capsys):
     root = demo_run.parent
     metrics = demo_run / "finetune" / "metrics.jsonl"
     before = metrics.read_text()
+    pre_metrics = (demo_run / "pretrain" / "metrics.jsonl").read_text()
     pre_steps = json.loads((demo_run / "results.json").read_text())["pretrain_steps"]
     assert main(["demo", "experiment=smoke", f"root={root}", "device=cpu"]) == 0
     assert metrics.read_text() == before  # the finished fine-tuning was not repeated
+    assert (demo_run / "pretrain" / "metrics.jsonl").read_text() == pre_metrics  # nor the pre-training
     again = json.loads((demo_run / "results.json").read_text())
     assert again["pretrain_steps"] == pre_steps
     assert "| reach-v3 |" in capsys.readouterr().out

@@ -673,6 +673,16 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path):
         policy_from_checkpoint(path)
 
 
+def test_any_garbage_is_a_one_line_checkpoint_error(tmp_path):
+    """Random bytes make torch's unpickler fail in many ways (IndexError, KeyError, ...)."""
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        junk = tmp_path / f"junk{i}.ckpt"
+        junk.write_bytes(rng.integers(0, 256, int(rng.integers(1, 512)), dtype=np.uint8).tobytes())
+        with pytest.raises(UserError, match=f"junk{i}.ckpt"):
+            load_checkpoint(junk)
+
+
 def test_truncated_and_empty_checkpoints_are_user_errors(tmp_path):
     policy = DiffusionPolicy(make_config(encoder="state"))
     good = tmp_path / "good.ckpt"

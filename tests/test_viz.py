@@ -92,7 +92,7 @@ def test_gif_frames_differ_and_html_is_interactive(record, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_rgb_clouds_are_drawn_in_their_colours(policy, tmp_path):
+def test_rgb_clouds_are_drawn_in_their_colours():
     from sodp3d.viz import _colours
 
     cloud = np.concatenate([np.zeros((4, 3)), np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]])], axis=1)
