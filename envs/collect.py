@@ -1,167 +1,56 @@
-"""Collecting sub-optimal, multi-task point-cloud datasets into zarr.
+"""The ``collect`` command: sub-optimal, multi-task point-cloud datasets into zarr.
 
-Sources:
-  * ``scripted`` (Meta-World): Meta-World's scripted policies, degraded on purpose.
-    Each episode draws a kind: ``noisy`` (Gaussian action noise, its std drawn per
-    episode from ``scripted.noise_std``), ``perturbed`` (noisy, plus stretches of
-    uniform random actions) or ``random`` (uniform random actions throughout), with the
-    configured shares. The mix holds failures, partial and full successes.
-  * ``sac`` (any task; the only one for Adroit): see ``envs/sac_source.py``.
+Sources (``source=<name>``, see ``SOURCES``), each a module with a ``check`` run before
+anything is written and a job runner of one signature
+``run_jobs(todo, settings, cfg, seed, workers)`` that yields episodes in ``todo`` order:
+  * ``scripted`` (Meta-World): degraded scripted policies, ``envs/scripted_source.py``.
+  * ``sac`` (any task; the only one for Adroit): ``envs/sac_source.py``.
+What their worker processes share (seeding, the env cache) is ``envs/workers.py``.
 
 Order and resumption: jobs run in a fixed order (episode 0 of every task, then
 episode 1, ...), every episode's randomness derives from (seed, task, episode index),
 and episodes are committed in that order. A re-run with the same settings skips what
 is committed and appends the rest, so a killed-and-resumed collection equals an
 uninterrupted one. Every episode is bounded by the episode length.
+
+As a command: ``run(cfg)`` collects and returns a JSON-serialisable record,
+``render(record)`` the text the CLI prints.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
-import warnings
-import zlib
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any, NamedTuple
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sodp3d.data.store import EpisodeWriter, inspect_path
+from sodp3d.data.store import EpisodeDataset, EpisodeWriter, inspect_path
 from sodp3d.errors import UserError
 
-from .factory import ensure_headless_gl, make_env
+from .sac_source import check_sac, run_sac_jobs
+from .scripted_source import check_scripted, run_scripted_jobs
 from .settings import ObsSettings, task_settings
-from .tasks import resolve_tasks, suite_of
-
-SOURCES = ("scripted", "sac")
-
-
-def episode_rng(seed: int, task: str, index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(task.encode()), int(index)]))
+from .tasks import resolve_tasks
+from .workers import close_envs, env_for
 
 
-@dataclass(frozen=True)
-class ScriptedConfig:
-    noise_std: tuple[float, float] = (0.0, 1.0)
-    random_share: float = 0.1
-    perturb_share: float = 0.2
-    perturb_prob: float = 0.05
-    perturb_length: tuple[int, int] = (5, 30)
+class Source(NamedTuple):
+    """A data source: ``check(tasks, cfg)`` refuses bad input before anything is written;
+    ``run_jobs(todo, settings, cfg, seed, workers)`` yields one result per (task, episode
+    index) of ``todo``, in that order: {"task", "index", "episode", "meta"}."""
 
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> "ScriptedConfig":
-        c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-        out = cls(
-            noise_std=tuple(float(v) for v in c.get("noise_std", cls.noise_std)),
-            random_share=float(c.get("random_share", cls.random_share)),
-            perturb_share=float(c.get("perturb_share", cls.perturb_share)),
-            perturb_prob=float(c.get("perturb_prob", cls.perturb_prob)),
-            perturb_length=tuple(int(v) for v in c.get("perturb_length", cls.perturb_length)),
-        )
-        lo, hi = out.noise_std
-        if not 0 <= lo <= hi:
-            raise UserError(f"scripted.noise_std must be [low, high] with 0 <= low <= high, got {list(out.noise_std)}")
-        if min(out.random_share, out.perturb_share) < 0 or out.random_share + out.perturb_share > 1:
-            raise UserError("scripted.random_share and scripted.perturb_share must be >= 0 and add up to at most 1")
-        if not 0 <= out.perturb_prob <= 1 or not 1 <= out.perturb_length[0] <= out.perturb_length[1]:
-            raise UserError("scripted.perturb_prob must be in [0, 1] and perturb_length [min, max] with 1 <= min <= max")
-        return out
+    check: Callable[[list[str], DictConfig], None]
+    run_jobs: Callable[..., Iterator[dict[str, Any]]]
 
 
-# --------------------------------------------------------------------------------------
-# Workers: one scripted episode per job; envs are cached per process.
-_ENVS: dict[tuple, Any] = {}
+SOURCES: dict[str, Source] = {
+    "scripted": Source(check_scripted, run_scripted_jobs),
+    "sac": Source(check_sac, run_sac_jobs),
+}
 
 
-def env_for(settings: ObsSettings):
-    key = (settings.task, repr(settings))
-    if key not in _ENVS:
-        _ENVS[key] = make_env(settings.task, settings=settings)
-    return _ENVS[key]
-
-
-def scripted_policy(task: str):
-    from metaworld.policies import ENV_POLICY_MAP
-
-    return ENV_POLICY_MAP[task]()
-
-
-def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, index: int) -> dict[str, Any]:
-    """One episode of a degraded scripted policy; arrays with a leading time axis."""
-    env = env_for(settings)
-    rng = episode_rng(seed, settings.task, index)
-    reset_seed = int(rng.integers(2**31 - 1))
-    u = rng.random()
-    kind = "random" if u < cfg.random_share else "perturbed" if u < cfg.random_share + cfg.perturb_share else "noisy"
-    noise = float(rng.uniform(*cfg.noise_std))
-    policy = scripted_policy(settings.task)
-    padded_before = env.padded
-    obs, _ = env.reset(seed=reset_seed)
-    base = env.unwrapped
-    steps: dict[str, list] = {k: [] for k in ("point_cloud", "agent_pos", "state", "action", "reward", "success")}
-    stretch = 0
-    for _ in range(settings.episode_length):
-        if kind == "random":
-            action = rng.uniform(-1.0, 1.0, 4)
-        else:
-            with warnings.catch_warnings():
-                # The policies warn on every call that their gains exceed the action
-                # range; actions are clipped to [-1, 1] anyway.
-                warnings.simplefilter("ignore", UserWarning)
-                action = policy.get_action(base._last_state)  # the float64 state Meta-World returned
-            action = action + rng.normal(0.0, noise, 4) if noise > 0 else action
-            if kind == "perturbed":
-                if stretch == 0 and rng.random() < cfg.perturb_prob:
-                    stretch = int(rng.integers(cfg.perturb_length[0], cfg.perturb_length[1] + 1))
-                if stretch > 0:
-                    action = rng.uniform(-1.0, 1.0, 4)
-                    stretch -= 1
-        action = np.clip(action, -1.0, 1.0).astype(np.float32)
-        for k in ("point_cloud", "agent_pos", "state"):
-            steps[k].append(obs[k])
-        steps["action"].append(action)
-        padded_stored = env.padded  # the observations stored so far (the final one is not)
-        obs, reward, terminated, truncated, info = env.step(action)
-        steps["reward"].append(reward)
-        steps["success"].append(info["success"])
-        if terminated or truncated:
-            break
-    episode = {k: np.asarray(v) for k, v in steps.items()}
-    episode["success"] = episode["success"].astype(bool)
-    meta = {
-        "success": bool(episode["success"].any()),
-        "return": float(episode["reward"].sum()),
-        "source": "scripted",
-        "kind": kind,
-        "noise_std": noise,
-        "padded": padded_stored - padded_before,  # stored observations whose crop kept fewer than N points
-    }
-    return {"task": settings.task, "index": index, "episode": episode, "meta": meta}
-
-
-def close_envs() -> None:
-    """Release this process's cached environments (and their GL contexts)."""
-    for env in _ENVS.values():
-        env.close()
-    _ENVS.clear()
-
-
-def _scripted_job(args: tuple) -> dict[str, Any]:
-    return run_scripted_episode(*args)
-
-
-def init_worker() -> None:
-    ensure_headless_gl()
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-
-
-# --------------------------------------------------------------------------------------
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise UserError(f"{name} must be a positive integer, got {value!r}")
@@ -193,11 +82,7 @@ def collect(cfg: DictConfig) -> dict[str, Any]:
     source = str(cfg.source)
     if source not in SOURCES:
         raise UserError(f"unknown source '{source}'; valid: {', '.join(SOURCES)}")
-    if source == "scripted":
-        not_mw = [t for t in tasks if suite_of(t) != "metaworld"]
-        if not_mw:
-            raise UserError(f"source=scripted has policies for Meta-World only; use source=sac for {', '.join(not_mw)}")
-        scripted = ScriptedConfig.from_cfg(cfg.get("scripted"))
+    SOURCES[source].check(tasks, cfg)
     seed = int(cfg.seed)
     workers = _positive_int("workers", int(cfg.workers) if cfg.get("workers") is not None else 1)
     settings = {t: task_settings(t, cfg.env) for t in tasks}
@@ -255,7 +140,7 @@ def collect(cfg: DictConfig) -> dict[str, Any]:
         bar = tqdm(total=total, initial=already, desc=f"collect {source}", unit="ep", dynamic_ncols=True)
         successes, steps, t0 = 0, 0, time.perf_counter()
         try:
-            for result in _run_jobs(source, todo, settings, cfg, seed, workers, scripted if source == "scripted" else None):
+            for result in SOURCES[source].run_jobs(todo, settings, cfg, seed, workers):
                 writer.append_episode(result["episode"], result["task"], result["meta"])
                 successes += int(result["meta"]["success"])
                 steps += len(result["episode"]["action"])
@@ -266,22 +151,6 @@ def collect(cfg: DictConfig) -> dict[str, Any]:
         return {"out": out, "new_episodes": len(todo), "skipped": already, "steps": steps, "seconds": time.perf_counter() - t0}
     finally:
         close_envs()
-
-
-def _run_jobs(source, todo, settings, cfg, seed, workers, scripted):
-    if source == "sac":
-        from .sac_source import run_sac_jobs
-
-        yield from run_sac_jobs(todo, settings, cfg, seed, workers)
-        return
-    jobs = [(settings[t], scripted, seed, i) for t, i in todo]
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            yield _scripted_job(job)
-        return
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(min(workers, len(jobs)), initializer=init_worker) as pool:
-        yield from pool.imap(_scripted_job, jobs, chunksize=1)
 
 
 def _dataset_attrs(task_attrs: dict, settings: dict[str, ObsSettings], seed: int) -> dict[str, Any]:
@@ -322,3 +191,43 @@ def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings], r
                     f"{out} was collected for {task} with other settings ({', '.join(diff)} differ{'s' if len(diff) == 1 else ''}); "
                     "use the same settings to extend it, or another out path"
                 )
+
+
+# --------------------------------------------------------------------------------------
+# The command: run(cfg) -> record, render(record) -> text.
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Collect, then describe the whole dataset: a JSON-serialisable record."""
+    result = collect(cfg)
+    data = EpisodeDataset(result["out"])
+    return {
+        "kind": "collect",
+        "out": str(result["out"]),
+        "new_episodes": int(result["new_episodes"]),
+        "skipped": int(result["skipped"]),
+        "steps": int(result["steps"]),
+        "seconds": float(result["seconds"]),
+        "episodes": data.n_episodes,
+        "total_steps": data.n_steps,
+        "per_task": data.summary(),
+    }
+
+
+def render(record: dict[str, Any]) -> str:
+    """What the CLI prints for a collection: the counts, then the per-task table."""
+    rate = record["steps"] / max(record["seconds"], 1e-9)
+    return (
+        f"\n{record['episodes']} episodes, {record['total_steps']} steps in {record['out']} "
+        f"({record['new_episodes']} new, {record['skipped']} already there; {rate:.0f} steps/s)\n"
+        + dataset_table(record["per_task"])
+    )
+
+
+def dataset_table(rows: list[dict]) -> str:
+    """A markdown table of per-task dataset rows (``EpisodeDataset.summary()``)."""
+    lines = ["| task | episodes | steps | success rate | mean return | padded obs |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        sr = "-" if r["success_rate"] is None else f"{100 * r['success_rate']:.0f}%"
+        ret = "-" if r["mean_return"] is None else f"{r['mean_return']:.1f}"
+        pad = "-" if r.get("padded_observations") is None else str(r["padded_observations"])
+        lines.append(f"| {r['task']} | {r['episodes']} | {r['steps']} | {sr} | {ret} | {pad} |")
+    return "\n".join(lines)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import gymnasium as gym
@@ -30,9 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sodp3d.errors import UserError
 
-from .collect import env_for, init_worker, episode_rng
 from .settings import ObsSettings
 from .suites import make_suite_env
+from .workers import env_for, episode_rng, init_worker
 
 
 class EpisodeRecorder(gym.Wrapper):
@@ -161,7 +162,13 @@ def _render_job(args: tuple) -> dict[str, Any]:
     return {"task": settings.task, "index": index, "episode": episode, "meta": meta}
 
 
-def run_sac_jobs(todo: list[tuple[str, int]], settings: dict[str, ObsSettings], cfg: DictConfig, seed: int, workers: int):
+def check_sac(tasks: list[str], cfg: DictConfig) -> None:
+    """SAC learns any task; its options are read when its jobs run."""
+
+
+def run_sac_jobs(
+    todo: list[tuple[str, int]], settings: dict[str, ObsSettings], cfg: DictConfig, seed: int, workers: int
+) -> Iterator[dict[str, Any]]:
     """Yield rendered episodes for ``todo`` ((task, episode index) pairs), task by task."""
     options = _sac_options(cfg.get("sac"))
     wanted: OrderedDict[str, list[int]] = OrderedDict()

@@ -22,3 +22,31 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------
+# One scene per suite, reused by a test module (tests/test_env_*.py). Imported lazily, so
+# tests that need no simulator do not load it.
+import numpy as np  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pick_place():
+    from sodp3d.envs.suites import make_suite_env
+
+    env = make_suite_env("pick-place-v3")
+    env.reset(seed=0)
+    # Move the arm off its reset pose (down and to the side, gripper open).
+    for _ in range(10):
+        env.step(np.array([0.4, -0.3, -0.5, -1.0]))
+    yield env
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def reach():
+    from sodp3d.envs import make_env
+
+    env = make_env("reach-v3")
+    yield env
+    env.close()

@@ -1,11 +1,9 @@
-"""Tests of the episode store (sodp3d.data.store) and of `sodp3d collect`.
+"""Tests of `sodp3d collect` (sodp3d.envs.collect).
 
-Store: exact round trips, commit-based crash safety (a kill mid-append loses at most the
-episode in progress, and a re-opened writer repairs the arrays), reading DP3's layout in
-zarr v2 and v3. Collector: same seed -> same bytes, a SIGKILLed collection resumes to
-the same dataset as an uninterrupted one, extension keeps what is there, the recorded
-episodes are sub-optimal and self-consistent, and every bad input is one line on stderr,
-exit status 2, nothing written.
+Same seed -> same bytes, a SIGKILLed collection resumes to the same dataset as an
+uninterrupted one, extension keeps what is there, the recorded episodes are sub-optimal
+and self-consistent, every bad input is one line on stderr, exit status 2, nothing
+written, and run(cfg) / render(record) give the record and the text the CLI prints.
 
 Collections are kept small (short episodes, 48x48 depth images, 64 points, one
 in-process worker) so the whole file runs in about a minute on two cores.
@@ -22,21 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
+from store_kit import assert_one_line_error, assert_same, make_dp3_store, raw_lengths, snapshot
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 from sodp3d.cli import main  # noqa: E402
-from sodp3d.data.store import (  # noqa: E402
-    FORMAT,
-    FORMAT_VERSION,
-    STEP_KEYS,
-    EpisodeDataset,
-    EpisodeWriter,
-    inspect_path,
-)
+from sodp3d.data.store import STEP_KEYS, EpisodeDataset  # noqa: E402
 from sodp3d.envs import collect as collect_module  # noqa: E402
-from sodp3d.errors import UserError  # noqa: E402
+from sodp3d.envs import workers  # noqa: E402
 
 FAST = ["workers=1", "env.metaworld.resolution=[48,48]", "env.metaworld.num_points=64"]
 N_FAST = 64
@@ -50,81 +41,9 @@ N_FAST = 64
 def _close_cached_envs():
     """Keep tests independent: close environments a failed collect left in the cache."""
     yield
-    for env in collect_module._ENVS.values():
+    for env in workers._ENVS.values():
         env.close()
-    collect_module._ENVS.clear()
-
-
-def make_episode(seed: int, steps: int, n_points: int = 16, success_at: int | None = None) -> dict[str, np.ndarray]:
-    """A synthetic episode with our layout's keys, dtypes and shapes."""
-    rng = np.random.default_rng(seed)
-    success = np.zeros(steps, dtype=bool)
-    if success_at is not None:
-        success[success_at:] = True
-    return {
-        "point_cloud": rng.standard_normal((steps, n_points, 3)).astype(np.float32),
-        "agent_pos": rng.standard_normal((steps, 9)).astype(np.float32),
-        "state": rng.standard_normal((steps, 39)).astype(np.float32),
-        "action": rng.uniform(-1, 1, (steps, 4)).astype(np.float32),
-        "reward": rng.uniform(0, 10, steps).astype(np.float32),
-        "success": success,
-    }
-
-
-def episode_meta(ep: dict[str, np.ndarray], kind: str, noise: float) -> dict:
-    return {
-        "success": bool(ep["success"].any()),
-        "return": float(ep["reward"].sum()),
-        "source": "scripted",
-        "kind": kind,
-        "noise_std": noise,
-    }
-
-
-# Three episodes; the second one crosses the 100-step chunk boundary.
-EPISODES = [
-    (make_episode(0, 7, success_at=4), "reach-v3", "noisy", 0.25),
-    (make_episode(1, 120, success_at=100), "push-v3", "perturbed", 0.5),
-    (make_episode(2, 5), "reach-v3", "random", 0.0),
-]
-ATTRS = {"num_points": 16, "channels": 3, "seed": 7, "tasks": {"reach-v3": {"cameras": ["corner4"]}}}
-
-
-def write_store(path: Path, episodes=EPISODES) -> None:
-    w = EpisodeWriter.create(path, ATTRS)
-    for ep, task, kind, noise in episodes:
-        w.append_episode(ep, task, episode_meta(ep, kind, noise))
-
-
-def snapshot(path) -> dict:
-    """Everything a reader sees of the committed episodes."""
-    d = EpisodeDataset(path)
-    snap: dict = {f"data/{k}": d.get(k) for k in d.keys}
-    snap["episode_ends"] = d.episode_ends.copy()
-    snap["episode_task"] = d.episode_tasks
-    for name in sorted(d.root["meta"].array_keys()):
-        if name not in ("episode_ends", "episode_task"):
-            snap[f"meta/{name}"] = d.episode_info(name[len("episode_"):])
-    return snap
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert sorted(a) == sorted(b)
-    for k in a:
-        if isinstance(a[k], np.ndarray):
-            assert a[k].dtype == b[k].dtype, k
-            assert a[k].shape == b[k].shape, k
-            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-        else:
-            assert a[k] == b[k], k
-
-
-def raw_lengths(path) -> dict[str, int]:
-    """Leading lengths of every array in the store, committed or not."""
-    root = zarr.open_group(str(path), mode="r")
-    out = {f"data/{k}": root["data"][k].shape[0] for k in root["data"].array_keys()}
-    out.update({f"meta/{k}": root["meta"][k].shape[0] for k in root["meta"].array_keys()})
-    return out
+    workers._ENVS.clear()
 
 
 def tree_state(path) -> dict[str, bytes]:
@@ -139,265 +58,6 @@ def collect_cli(capsys, out, *args) -> tuple[int, str, str]:
     rc = main(["collect", f"out={out}", *args])
     o, e = capsys.readouterr()
     return rc, o, e
-
-
-def assert_one_line_error(rc: int, out: str, err: str, command: str = "collect") -> str:
-    assert rc == 2, (out, err)
-    assert "Traceback" not in out + err
-    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line on stderr, got {err!r}"
-    assert err.startswith(f"sodp3d {command}: error: "), err
-    return err.strip()
-
-
-def make_dp3_store(path: Path, zarr_format: int, lengths=(6, 4, 9), full_state: bool = True) -> dict:
-    rng = np.random.default_rng(11)
-    t = sum(lengths)
-    arrays = {
-        "point_cloud": rng.standard_normal((t, 512, 3)).astype(np.float32),
-        "state": rng.standard_normal((t, 9)).astype(np.float32),
-        "action": rng.uniform(-1, 1, (t, 4)).astype(np.float32),
-    }
-    if full_state:
-        arrays["full_state"] = rng.standard_normal((t, 39)).astype(np.float32)
-    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
-    data = root.create_group("data")
-    for k, v in arrays.items():
-        data.create_array(k, data=v, chunks=(5,) + v.shape[1:])
-    root.create_group("meta").create_array("episode_ends", data=np.cumsum(lengths).astype(np.int64))
-    return arrays
-
-
-# --------------------------------------------------------------------------------------
-# 1. the store: round trip
-
-
-def test_round_trip_is_exact(tmp_path):
-    path = tmp_path / "ds.zarr"
-    write_store(path)
-    d = EpisodeDataset(path)
-    assert d.layout == "sodp3d" and inspect_path(path) == "sodp3d"
-    assert d.n_episodes == 3
-    np.testing.assert_array_equal(d.episode_ends, [7, 127, 132])
-    assert d.episode_ends.dtype == np.int64
-    np.testing.assert_array_equal(d.episode_starts(), [0, 7, 127])
-    assert d.n_steps == 132
-    assert d.keys == sorted(STEP_KEYS)
-    assert d.episode_tasks == ["reach-v3", "push-v3", "reach-v3"]
-
-    for i, (ep, *_rest) in enumerate(EPISODES):
-        got = d.episode(i)
-        assert sorted(got) == sorted(ep)
-        for k, v in ep.items():
-            assert got[k].dtype == v.dtype, k
-            np.testing.assert_array_equal(got[k], v, err_msg=f"episode {i} {k}")
-    np.testing.assert_array_equal(d.episode(-1)["action"], EPISODES[2][0]["action"])
-    assert sorted(d.episode(1, keys=["reward"])) == ["reward"]
-    with pytest.raises(IndexError):
-        d.episode(3)
-    for k in STEP_KEYS:
-        np.testing.assert_array_equal(d.get(k), np.concatenate([ep[k] for ep, *_ in EPISODES]))
-    with pytest.raises(UserError, match="no 'img'"):
-        d.get("img")
-
-    np.testing.assert_array_equal(d.episode_info("success"), [True, True, False])
-    np.testing.assert_allclose(d.episode_info("return"), [float(ep["reward"].sum()) for ep, *_ in EPISODES])
-    assert [str(k) for k in d.episode_info("kind")] == ["noisy", "perturbed", "random"]
-    np.testing.assert_allclose(d.episode_info("noise_std"), [0.25, 0.5, 0.0])
-    assert d.episode_info("nonexistent") is None
-
-    attrs = d.attrs
-    assert attrs["format"] == FORMAT and attrs["format_version"] == FORMAT_VERSION
-    assert attrs["n_episodes"] == 3
-    assert attrs["seed"] == 7 and attrs["tasks"] == ATTRS["tasks"]
-
-    rows = {r["task"]: r for r in d.summary()}
-    assert list(rows) == ["reach-v3", "push-v3"]
-    r0, r1, r2 = (ep["reward"] for ep, *_ in EPISODES)
-    assert rows["reach-v3"]["episodes"] == 2 and rows["reach-v3"]["steps"] == 12
-    assert rows["reach-v3"]["success_rate"] == 0.5
-    assert rows["reach-v3"]["mean_return"] == pytest.approx((float(r0.sum()) + float(r2.sum())) / 2, rel=1e-6)
-    assert rows["push-v3"]["episodes"] == 1 and rows["push-v3"]["steps"] == 120
-    assert rows["push-v3"]["success_rate"] == 1.0
-    assert rows["push-v3"]["mean_return"] == pytest.approx(float(r1.sum()), rel=1e-6)
-
-
-def test_append_rejects_inconsistent_episodes(tmp_path):
-    path = tmp_path / "ds.zarr"
-    write_store(path, EPISODES[:1])
-    w = EpisodeWriter.open(path)
-    ep = make_episode(5, 4)
-    ragged = dict(ep, reward=ep["reward"][:3])
-    with pytest.raises(ValueError, match="share a non-zero length"):
-        w.append_episode(ragged, "reach-v3")
-    with pytest.raises(ValueError, match="share a non-zero length"):
-        w.append_episode({k: v[:0] for k, v in ep.items()}, "reach-v3")
-    with pytest.raises(ValueError, match="differ from the dataset"):
-        w.append_episode({k: v for k, v in ep.items() if k != "state"}, "reach-v3")
-    assert EpisodeDataset(path).n_episodes == 1
-    assert set(raw_lengths(path).values()) <= {1, 7}  # nothing half-appended
-
-
-def test_failed_append_does_not_shift_later_episodes(tmp_path):
-    """A per-step shape error found on a later key must not leave rows behind that
-    shift the next episode of the same writer (data would no longer match episode_ends)."""
-    path = tmp_path / "ds.zarr"
-    w = EpisodeWriter.create(path, ATTRS)
-    first = make_episode(0, 5)
-    w.append_episode(first, "reach-v3", {"success": False})
-    bad = make_episode(1, 6)
-    bad["success"] = np.zeros((6, 2), dtype=bool)  # 'success' comes last: the other keys are appended first
-    with pytest.raises(ValueError, match="'success' has shape"):
-        w.append_episode(bad, "reach-v3", {"success": False})
-    good = make_episode(2, 4)
-    w.append_episode(good, "reach-v3", {"success": False})
-    d = EpisodeDataset(path)
-    assert d.n_episodes == 2
-    np.testing.assert_array_equal(d.episode_ends, [5, 9])
-    for k in STEP_KEYS:
-        np.testing.assert_array_equal(d.episode(1)[k], good[k], err_msg=k)
-    assert set(raw_lengths(path)["data/" + k] for k in STEP_KEYS) == {9}
-
-
-def test_inspect_path_and_opening_other_things(tmp_path):
-    assert inspect_path(tmp_path / "nothing") == "missing"
-    (tmp_path / "empty").mkdir()
-    assert inspect_path(tmp_path / "empty") == "missing"
-    (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "notes.txt").write_text("hello")
-    assert inspect_path(tmp_path / "junk") == "foreign"
-    (tmp_path / "file.zarr").write_bytes(b"\x00\x01")
-    assert inspect_path(tmp_path / "file.zarr") == "foreign"
-    make_dp3_store(tmp_path / "dp3.zarr", 2)
-    assert inspect_path(tmp_path / "dp3.zarr") == "dp3"
-    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").create_group("data")
-    assert inspect_path(tmp_path / "other.zarr") == "foreign"
-
-    for name, match in [("nothing", "no dataset"), ("junk", "not a sodp3d or DP3"), ("other.zarr", "not a sodp3d or DP3")]:
-        with pytest.raises(UserError, match=match):
-            EpisodeDataset(tmp_path / name)
-    for name, match in [("nothing", "no dataset"), ("junk", "not a sodp3d dataset"), ("dp3.zarr", "DP3-layout")]:
-        with pytest.raises(UserError, match=match):
-            EpisodeWriter.open(tmp_path / name)
-
-    path = tmp_path / "ds.zarr"
-    write_store(path, EPISODES[:1])
-    zarr.open_group(str(path), mode="r+").attrs["format_version"] = FORMAT_VERSION + 1
-    with pytest.raises(UserError, match="format version"):
-        EpisodeWriter.open(path)
-
-
-# --------------------------------------------------------------------------------------
-# 2. the store: crash safety
-
-
-def _interrupted_append(path: Path, ep: dict, keys) -> None:
-    """What a kill leaves behind mid-append: some arrays grown, no commit."""
-    root = zarr.open_group(str(path), mode="r+")
-    for k in keys:
-        root["data"][k].append(np.asarray(ep[k]))
-    ends = root["meta/episode_ends"]
-    ends.append(np.array([int(ends[-1]) + len(ep["action"])], dtype=np.int64))
-    root["meta/episode_task"].append(np.array(["push-v3"]))
-    root["meta/episode_success"].append(np.array([True]))
-
-
-@pytest.mark.parametrize("grown", [["point_cloud", "agent_pos"], list(STEP_KEYS)], ids=["some-keys", "all-keys"])
-def test_kill_mid_append_loses_only_that_episode(tmp_path, grown):
-    clean = tmp_path / "clean.zarr"
-    write_store(clean)
-    path = tmp_path / "ds.zarr"
-    write_store(path, EPISODES[:2])
-    committed = snapshot(path)
-    third, task, kind, noise = EPISODES[2]
-
-    _interrupted_append(path, make_episode(99, 11), grown)
-    lengths = raw_lengths(path)
-    assert lengths["data/point_cloud"] == 127 + 11 and lengths["meta/episode_ends"] == 3  # really half-written
-
-    d = EpisodeDataset(path)
-    assert d.n_episodes == 2 and d.n_steps == 127
-    assert_same(snapshot(path), committed)
-    assert d.summary()[0]["episodes"] == 1 and d.summary()[1]["episodes"] == 1
-
-    w = EpisodeWriter.open(path)  # repairs: every array back to the committed length
-    assert w.n_episodes == 2
-    lengths = raw_lengths(path)
-    assert {lengths[f"data/{k}"] for k in STEP_KEYS} == {127}
-    assert {v for k, v in lengths.items() if k.startswith("meta/")} == {2}
-    assert_same(snapshot(path), committed)
-
-    w.append_episode(third, task, episode_meta(third, kind, noise))
-    assert_same(snapshot(path), snapshot(clean))
-    assert raw_lengths(path) == raw_lengths(clean)
-    assert EpisodeDataset(path).attrs == EpisodeDataset(clean).attrs
-
-
-def test_kill_during_the_first_episode_can_resume(tmp_path):
-    """A kill while the very first episode creates its arrays leaves some of them;
-    re-opening must still allow appending (the store has 0 committed episodes)."""
-    path = tmp_path / "ds.zarr"
-    EpisodeWriter.create(path, ATTRS)
-    root = zarr.open_group(str(path), mode="r+")
-    ep = make_episode(0, 7, success_at=4)
-    arr = root["data"].create_array("point_cloud", shape=(0, 16, 3), chunks=(100, 16, 3), dtype="float32")
-    arr.append(ep["point_cloud"])
-    assert EpisodeDataset(path).n_episodes == 0
-
-    w = EpisodeWriter.open(path)
-    w.append_episode(ep, "reach-v3", episode_meta(ep, "noisy", 0.25))
-    d = EpisodeDataset(path)
-    assert d.n_episodes == 1
-    for k in STEP_KEYS:
-        np.testing.assert_array_equal(d.episode(0)[k], ep[k], err_msg=k)
-
-
-# --------------------------------------------------------------------------------------
-# 5. DP3's layout
-
-
-@pytest.mark.parametrize("zarr_format", [2, 3])
-def test_reads_dp3_layout(tmp_path, zarr_format):
-    path = tmp_path / "dp3.zarr"
-    arrays = make_dp3_store(path, zarr_format)
-    assert inspect_path(path) == "dp3"
-    d = EpisodeDataset(path)
-    assert d.layout == "dp3"
-    assert d.n_episodes == 3 and d.n_steps == 19
-    np.testing.assert_array_equal(d.episode_ends, [6, 10, 19])
-    assert d.keys == ["action", "agent_pos", "point_cloud", "state"]
-    np.testing.assert_array_equal(d.get("agent_pos"), arrays["state"])
-    np.testing.assert_array_equal(d.get("state"), arrays["full_state"])
-    np.testing.assert_array_equal(d.get("point_cloud"), arrays["point_cloud"])
-    np.testing.assert_array_equal(d.get("action"), arrays["action"])
-    for i, (s, e) in enumerate([(0, 6), (6, 10), (10, 19)]):
-        ep = d.episode(i)
-        np.testing.assert_array_equal(ep["agent_pos"], arrays["state"][s:e])
-        np.testing.assert_array_equal(ep["state"], arrays["full_state"][s:e])
-        np.testing.assert_array_equal(ep["point_cloud"], arrays["point_cloud"][s:e])
-        np.testing.assert_array_equal(ep["action"], arrays["action"][s:e])
-    assert d.episode_tasks is None
-    assert d.episode_info("success") is None
-    assert d.summary() == [
-        {"task": "(unnamed)", "episodes": 3, "steps": 19, "success_rate": None, "mean_return": None,
-         "padded_observations": None}
-    ]
-
-
-def test_reads_dp3_layout_without_full_state(tmp_path):
-    path = tmp_path / "dp3.zarr"
-    arrays = make_dp3_store(path, 3, lengths=(3, 2), full_state=False)
-    d = EpisodeDataset(path)
-    assert d.keys == ["action", "agent_pos", "point_cloud"]
-    np.testing.assert_array_equal(d.episode(1)["agent_pos"], arrays["state"][3:5])
-
-
-def test_dp3_layout_with_bad_episode_ends_is_a_user_error(tmp_path):
-    path = tmp_path / "dp3.zarr"
-    make_dp3_store(path, 2, lengths=(6, 4, 9))
-    root = zarr.open_group(str(path), mode="r+")
-    root["meta/episode_ends"][:] = [6, 40, 19]  # longer than the data, and not increasing
-    with pytest.raises(UserError, match="episode_ends"):
-        EpisodeDataset(path)
 
 
 # --------------------------------------------------------------------------------------
@@ -648,7 +308,7 @@ def test_failed_preflight_names_the_task_and_releases_environments(tmp_path, cap
     msg = assert_one_line_error(rc, o, e)
     assert "push-v3" in msg and "env.metaworld.tasks.push-v3.crop" in msg and "reach-v3" not in msg
     assert not out.exists()
-    leaked = list(collect_module._ENVS)  # the fixture below starts each test with an empty cache
+    leaked = list(workers._ENVS)  # the fixture below starts each test with an empty cache
     assert leaked == [], f"environments left open after a failed collect: {[k[0] for k in leaked]}"
 
 
@@ -715,3 +375,58 @@ def test_padded_observations_are_recorded_per_episode(tmp_path, capsys):
     clouds = d.get("point_cloud")
     # Cyclic repetition: fewer distinct points than N, none invented.
     assert len(np.unique(clouds[0], axis=0)) < 600
+
+
+# --------------------------------------------------------------------------------------
+# 9. the command: run(cfg) -> record, render(record) -> the text the CLI prints
+
+
+def test_run_returns_a_record_and_render_prints_counts_and_table(tmp_path, capsys):
+    import json
+
+    from sodp3d.config import compose
+
+    out = tmp_path / "ds.zarr"
+    args = ["task=[reach-v3,push-v3]", "episodes=1", "episode_length=6", "seed=0", *FAST]
+    cfg = compose("collect", [f"out={out}", *args])
+    record = collect_module.run(cfg)
+    assert json.loads(json.dumps(record)) == record  # JSON-serialisable as it is
+    d = EpisodeDataset(out)
+    assert record["kind"] == "collect" and record["out"] == str(out)
+    assert (record["new_episodes"], record["skipped"], record["steps"]) == (2, 0, 12)
+    assert (record["episodes"], record["total_steps"]) == (2, 12)
+    assert record["seconds"] > 0
+    assert record["per_task"] == d.summary()
+    assert [r["task"] for r in record["per_task"]] == ["reach-v3", "push-v3"]
+
+    lines = collect_module.render(record).split("\n")
+    assert lines[0] == ""
+    assert lines[1].startswith(f"2 episodes, 12 steps in {out} (2 new, 0 already there; ")
+    assert lines[1].endswith(" steps/s)")
+    assert lines[2:] == collect_module.dataset_table(d.summary()).split("\n")
+    assert lines[2] == "| task | episodes | steps | success rate | mean return | padded obs |"
+    assert len(lines) == 6 and lines[4].startswith("| reach-v3 | 1 | 6 | ") and lines[5].startswith("| push-v3 | 1 | 6 | ")
+
+    # Nothing left to collect (so 0 steps/s both ways): the CLI prints exactly render(record).
+    again = collect_module.run(cfg)
+    assert (again["new_episodes"], again["skipped"], again["steps"], again["episodes"]) == (0, 2, 0, 2)
+    capsys.readouterr()
+    assert main(["collect", f"out={out}", *args]) == 0
+    printed = capsys.readouterr().out
+    assert printed == collect_module.render(again) + "\n"
+    assert "(0 new, 2 already there; 0 steps/s)" in printed
+
+
+def test_dataset_table():
+    rows = [
+        {"task": "reach-v3", "episodes": 2, "steps": 10, "success_rate": 0.5, "mean_return": 12.345,
+         "padded_observations": 3},
+        {"task": "(unnamed)", "episodes": 3, "steps": 19, "success_rate": None, "mean_return": None,
+         "padded_observations": None},
+    ]
+    assert collect_module.dataset_table(rows) == (
+        "| task | episodes | steps | success rate | mean return | padded obs |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
+        "| reach-v3 | 2 | 10 | 50% | 12.3 | 3 |\n"
+        "| (unnamed) | 3 | 19 | - | - | - |"
+    )
