@@ -22,6 +22,10 @@ Crash safety: an episode is appended array by array and then *committed* by writ
 store). Readers only see committed episodes; an appender first cuts every array back
 to the committed length. A kill therefore loses at most the episode in progress.
 
+Readers can find the first NaN or infinite value of an array (``first_non_finite``,
+``EpisodeDataset.refuse_non_finite``: a UserError naming the array, episode and step),
+reading chunk by chunk.
+
 DP3 layout (``data/{point_cloud, state, action}``, ``meta/episode_ends``, zarr v2 or v3):
 read with ``agent_pos`` taken from DP3's ``data/state`` and ``state`` from
 ``data/full_state`` when present.
@@ -73,6 +77,25 @@ def inspect_path(path: str | Path) -> str:
     except Exception:
         pass
     return "foreign"
+
+
+def first_non_finite(array: Any, n_rows: int) -> tuple[int, float] | None:
+    """(row, value) of the first NaN or infinite value in ``array[:n_rows]`` (numpy or zarr),
+    or None. Reads block by block, whole chunks of the array at a time, so memory stays
+    bounded however large the store."""
+    row_size = max(1, int(np.prod(array.shape[1:])))
+    chunk = int(array.chunks[0]) if getattr(array, "chunks", None) else CHUNK_STEPS
+    block = chunk * max(1, (1 << 22) // (chunk * row_size))  # whole chunks, about 4M values a block
+    for start in range(0, n_rows, block):
+        values = np.asarray(array[start : min(start + block, n_rows)])
+        if values.dtype.kind not in "fc":
+            return None  # integers and booleans cannot be non-finite
+        finite = np.isfinite(values)
+        if not finite.all():
+            flat = np.argmin(finite.reshape(len(values), -1), axis=None)
+            row, col = divmod(int(flat), row_size)
+            return start + row, float(values.reshape(len(values), -1)[row, col])
+    return None
 
 
 class EpisodeWriter:
@@ -275,6 +298,29 @@ class EpisodeDataset:
         if key not in self._arrays:
             raise UserError(f"{self.path} has no '{key}'; it has: {', '.join(self.keys)}")
         return np.asarray(self._arrays[key][: self.n_steps])
+
+    def stored_name(self, key: str) -> str:
+        """Where ``key`` lives in the store (``data/state`` for a DP3 dataset's ``agent_pos``)."""
+        return str(self.array(key).path)
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(episode index, step within that episode) of a global step index."""
+        episode = int(np.searchsorted(self.episode_ends, step, side="right"))
+        return episode, int(step - self.episode_starts()[episode])
+
+    def refuse_non_finite(self, key: str, array: Any = None) -> None:
+        """Raise a UserError naming the first NaN or infinite value of ``key``'s committed
+        steps (episode and step). ``array`` is what will be used instead of the stored
+        array, if anything (the in-memory float32 copy)."""
+        array = self.array(key) if array is None else array
+        found = first_non_finite(array, self.n_steps)
+        if found is not None:
+            row, value = found
+            episode, step = self.locate(row)
+            raise UserError(
+                f"{self.path}: {self.stored_name(key)} holds a non-finite value ({value}) at episode {episode}, "
+                f"step {step}; the dataset is corrupt: re-collect it or drop that episode"
+            )
 
     def episode(self, i: int, keys: list[str] | None = None) -> dict[str, np.ndarray]:
         if not -self.n_episodes <= i < self.n_episodes:

@@ -11,7 +11,9 @@ Observations are the first To steps of the window; actions all Tp.
 
 Only observation keys the encoder reads and ``action`` are loaded: pre-training never
 touches rewards, task names or success flags. The arrays are held in memory when they
-fit (under ``memory_fraction`` of the available RAM) and read from zarr otherwise.
+fit (under ``memory_fraction`` of the available RAM) and read from zarr otherwise. A NaN
+or infinite value in them is refused on opening, with a UserError naming the array, the
+episode and the step (otherwise training would start and diverge at its first step).
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class WindowDataset:
             n = s["data"].n_steps
             if self.in_memory:
                 s["arrays"] = {k: np.asarray(a[:n], dtype=np.float32) for k, a in s["arrays"].items()}
+            for k, a in s["arrays"].items():  # a NaN would only show as a nan loss at step 0
+                s["data"].refuse_non_finite(k, a)
         self._build_index()
 
     def _build_index(self) -> None:
