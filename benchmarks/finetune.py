@@ -31,7 +31,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from sodp3d.encoders import ENCODERS  # noqa: E402
 from sodp3d.envs import default_env_config, make_env, make_vector_env, suite_of, task_settings  # noqa: E402
-from sodp3d.finetune import FineTuner, collect  # noqa: E402
+from sodp3d.finetune.ppo import FineTuner  # noqa: E402
+from sodp3d.finetune.rollouts import collect_rollout  # noqa: E402
 from sodp3d.normalizer import MinMaxNormalizer  # noqa: E402
 from sodp3d.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
 
@@ -142,7 +143,7 @@ def run(args, bare: Bare, env_cfg, E: int):
         startup = time.perf_counter() - t0
         for r in range(args.rounds):
             bare_s = bare.step(args.bare_steps)
-            ro = collect(ft.policy, vec, ft.sampler, [1000 * (r + 1) + j for j in range(E)], ft.torch_gen)
+            ro = collect_rollout(ft.policy, vec, ft.sampler, [1000 * (r + 1) + j for j in range(E)], ft.torch_gen)
             ft.buffer.add(ro.trajectories)
             t_upd = time.perf_counter()
             stats = ft.update(ro)

@@ -26,7 +26,7 @@ from sodp3d.data.store import EpisodeWriter  # noqa: E402
 from sodp3d.data.windows import WindowDataset  # noqa: E402
 from sodp3d.normalizer import MinMaxNormalizer  # noqa: E402
 from sodp3d.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
-from sodp3d.pretrain import resolve_device  # noqa: E402
+from sodp3d.runs import resolve_device  # noqa: E402
 
 META = {"point_cloud": [512, 3], "agent_pos": [9], "state": [39], "action": [4]}
 

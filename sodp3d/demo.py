@@ -5,8 +5,8 @@
     finetune  per task: evaluate, PPO + BC, evaluate again         -> finetune/<task>/
     report    table, learning curves, a point-cloud rollout        -> results.*, curves.png, rollout.*
 
-Every stage is the same code as its own command, composed from that command's config
-with the demo's sections merged in; a re-run (``resume=true``) continues from the last
+Every stage calls its command's own ``run(cfg)``, on that command's config with the
+demo's sections merged in; a re-run (``resume=true``) continues from the last
 finished work of each stage.
 """
 
@@ -20,8 +20,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sodp3d.config import compose
 from sodp3d.errors import UserError
 from sodp3d.files import write_text_atomic
+from sodp3d.runs import refuse_existing, resolve_device, results_table, write_config, write_results
 
 
 def _sub_config(name: str, cfg: DictConfig, section: str, extra: dict[str, Any],
@@ -29,9 +31,7 @@ def _sub_config(name: str, cfg: DictConfig, section: str, extra: dict[str, Any],
     """The command's own config with the demo's section and ``extra`` merged in, and the
     demo's env and the named config groups put in place of the command's (replaced
     whole, so no key of the command's default group survives)."""
-    from sodp3d.cli import compose
-
-    base = compose(name, [])
+    base = compose(name)
     OmegaConf.set_struct(base, False)
     merged = OmegaConf.merge(base, OmegaConf.to_container(cfg.get(section) or {}, resolve=True), extra)
     for group in ("env",) + groups:
@@ -49,8 +49,9 @@ def demo_paths(cfg: DictConfig) -> dict[str, Path]:
     return {"run": run, "data": run / "data.zarr", "pretrain": run / "pretrain", "finetune": run / "finetune"}
 
 
-def demo(cfg: DictConfig) -> dict[str, Any]:
-    """Runs the four stages; a user error before any data exists leaves no run directory."""
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Runs the four stages; returns the record (also ``results.json``). A user error before
+    any data exists leaves no run directory."""
     run = demo_paths(cfg)["run"]
     fresh = not run.exists()
     try:
@@ -62,22 +63,17 @@ def demo(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _demo(cfg: DictConfig) -> dict[str, Any]:
-    from sodp3d.cli import format_table
-    from sodp3d.data.store import EpisodeDataset
-    from sodp3d.envs import resolve_tasks
-    from sodp3d.envs.collect import collect
-    from sodp3d.finetune import finetune
+    from sodp3d import finetune, pretrain
+    from sodp3d.envs import collect, resolve_tasks
     from sodp3d.plots import finetune_curves
-    from sodp3d.pretrain import pretrain
 
     tasks = resolve_tasks(cfg.task)
     ft_tasks = resolve_tasks(cfg.finetune_task) if cfg.get("finetune_task") is not None else tasks
     paths = demo_paths(cfg)
     run = paths["run"]
-    if run.exists() and any(run.iterdir()) and not cfg.resume:
-        raise UserError(f"{run} already holds a demo; pass resume=true to continue it, or another name=")
+    refuse_existing(run, run.exists() and any(run.iterdir()), bool(cfg.resume), "a demo", "another name=")
     run.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_config(run, cfg)
     timing_file = run / "seconds.json"  # per stage, summed over resumed invocations
     seconds: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.exists() else {}
 
@@ -89,15 +85,14 @@ def _demo(cfg: DictConfig) -> dict[str, Any]:
 
     _stage(f"1/4 collect: {len(tasks)} tasks x {cfg.collect.episodes} sub-optimal episodes ({cfg.collect.source})")
     t0 = time.perf_counter()
-    collect(_sub_config("collect", cfg, "collect", {"task": tasks, "out": str(paths["data"]), "seed": int(cfg.seed)}))
+    data = collect.run(_sub_config("collect", cfg, "collect",
+                                   {"task": tasks, "out": str(paths["data"]), "seed": int(cfg.seed)}))
     timed("collect", t0)
-    data = EpisodeDataset(paths["data"])
-    per_task = data.summary()
-    print(format_table(per_task))
+    print(collect.dataset_table(data["per_task"]))
 
     _stage(f"2/4 pre-train: {cfg.policy.unet} U-Net + {cfg.encoder.name} encoder, {cfg.pretrain.steps} steps, reward-free")
     t0 = time.perf_counter()
-    pre = pretrain(_sub_config("pretrain", cfg, "pretrain", {
+    pre = pretrain.run(_sub_config("pretrain", cfg, "pretrain", {
         "data": str(paths["data"]), "out": str(paths["pretrain"]), "resume": True, "seed": int(cfg.seed),
         "device": str(cfg.device), "wandb": wandb}, groups=("encoder", "policy")))
     timed("pretrain", t0)
@@ -109,15 +104,15 @@ def _demo(cfg: DictConfig) -> dict[str, Any]:
         "ckpt": str(paths["pretrain"]), "task": ft_tasks, "out": str(paths["finetune"]), "resume": True,
         "seed": int(cfg.seed), "device": str(cfg.device), "reg": str(cfg.reg), "init": "pretrained", "wandb": wandb},
         groups=("algo",))
-    ft = finetune(ft_cfg)
+    ft = finetune.run(ft_cfg)
     timed("finetune", t0)
 
     _stage("4/4 results, learning curves and a point-cloud rollout")
     t0 = time.perf_counter()
-    results = dict(ft["results"])
-    results.update({"demo": str(cfg.name), "pretrain_tasks": tasks, "pretrain_steps": pre["steps"],
-                    "dataset": {"episodes": data.n_episodes, "steps": data.n_steps, "per_task": per_task}})
-    files = {"curves": finetune_curves(ft["summaries"], run / "curves.png",
+    results = dict(ft)
+    results.update({"demo": str(cfg.name), "run": str(run), "pretrain_tasks": tasks, "pretrain_steps": pre["steps"],
+                    "dataset": {"episodes": data["episodes"], "steps": data["total_steps"], "per_task": data["per_task"]}})
+    files = {"curves": finetune_curves(ft["tasks"], run / "curves.png",
                                        title=f"fine-tuning (reg={cfg.reg}), {cfg.name}")}
     files.update(_rollout(cfg, paths, ft_tasks[0]))
     from sodp3d.viz import dataset_figure
@@ -126,16 +121,18 @@ def _demo(cfg: DictConfig) -> dict[str, Any]:
     timed("report", t0)
     results["seconds"] = seconds
     results["files"] = {k: str(v) for k, v in files.items()}
-    table = demo_table(results)
-    write_text_atomic(run / "results.json", json.dumps(results, indent=2))
-    write_text_atomic(run / "results.md", table + "\n")
-    return {"run": str(run), "table": table, "results": results}
+    write_results(run, results, demo_table(results))  # kind "finetune": report reads it as one
+    return results
+
+
+def render(record: dict[str, Any]) -> str:
+    return (f"\n{demo_table(record)}\n\neverything is in {record['run']}/: results.md, results.json, curves.png, "
+            "rollout.gif, rollout.html, dataset.png, config.yaml, data.zarr, pretrain/, finetune/")
 
 
 def _rollout(cfg: DictConfig, paths: dict[str, Path], task: str) -> dict[str, Path]:
     """The fine-tuned policy's episode on the first fine-tuned task, as GIF and HTML."""
     from sodp3d.checkpoint import acting_env_config, policy_from_checkpoint
-    from sodp3d.pretrain import resolve_device
     from sodp3d.viz import record_rollout, rollout_gif, rollout_html
 
     ft_dir = paths["finetune"] / task if (paths["finetune"] / task).is_dir() else paths["finetune"]
@@ -147,8 +144,6 @@ def _rollout(cfg: DictConfig, paths: dict[str, Path], task: str) -> dict[str, Pa
 
 def demo_table(results: dict[str, Any]) -> str:
     """The fine-tuning table without the run columns (one regulariser, one budget), and the time."""
-    from sodp3d.finetune import results_table
-
     lines = [results_table(results, run_columns=False)]
     s = results.get("seconds", {})
     if s:

@@ -1,4 +1,4 @@
-"""Evaluation: success rate and return of a policy on tasks, in parallel environments.
+"""``sodp3d eval``: success rate and return of a policy on tasks, in parallel environments.
 
 Protocol (the paper's): ``episodes`` episodes per task and seed, success = the episode
 succeeded at any step, DDIM with the policy's eta (0 by default: deterministic). The
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from sodp3d.errors import UserError
-from sodp3d.files import write_text_atomic
 
 METRIC_FINAL = ("final evaluation: success rate over {episodes} episodes per task and seed (DDIM eta = {eta:g}), "
                 "mean (std) across seeds")
@@ -171,14 +170,6 @@ def results_markdown(results: dict[str, Any], title: str = "Evaluation") -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict[str, Any], out: Path, title: str = "Evaluation") -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    js, md = out / "results.json", out / "results.md"
-    write_text_atomic(js, json.dumps(results, indent=2))
-    write_text_atomic(md, results_markdown(results, title) + "\n")
-    return js, md
-
-
 def top_k_average(history: list[dict[str, Any]], k: int = 5) -> dict[str, Any]:
     """DP3's metric from periodic evaluations: per task, the mean of its k best success rates.
 
@@ -214,3 +205,51 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------
+# The command
+TITLES = {"final": "Evaluation", "top5": "Evaluation (DP3 top-5)"}
+
+
+def run(cfg) -> dict[str, Any]:
+    """Evaluates ``cfg.ckpt`` (metric=final), or summarises its run's periodic evaluations
+    (metric=top5); returns the record, also written to ``<out>/results.json``."""
+    from omegaconf import OmegaConf
+
+    from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_checkpoint
+    from sodp3d.envs import resolve_tasks
+    from sodp3d.runs import resolve_device, write_results
+
+    if cfg.get("ckpt") in (None, "???"):
+        raise UserError("no checkpoint; pass ckpt=<file or run dir>")
+    ckpt = checkpoint_path(cfg.ckpt)
+    if str(cfg.metric) not in TITLES:
+        raise UserError(f"unknown metric '{cfg.metric}'; valid: {', '.join(TITLES)}")
+    if cfg.metric == "top5":
+        run_dir = ckpt.parent.parent
+        results = top_k_average(read_history(run_dir / "evals.jsonl"), 5)
+        results["checkpoint"] = str(ckpt)
+        out = Path(str(cfg.out)) if cfg.get("out") else run_dir / "eval-top5"
+    else:
+        tasks = resolve_tasks(cfg.task if cfg.get("task") != "???" else None)
+        seeds = OmegaConf.to_container(cfg.seeds) if not isinstance(cfg.seeds, int) else [cfg.seeds]
+        if not isinstance(cfg.episodes, int) or not isinstance(cfg.num_envs, int) or cfg.num_envs <= 0:
+            raise UserError(f"episodes and num_envs must be positive integers, got {cfg.episodes!r}, {cfg.num_envs!r}")
+        policy, payload = policy_from_checkpoint(ckpt, device=resolve_device(str(cfg.device)), use_ema=bool(cfg.use_ema))
+        sampler = None if cfg.get("eta") is None else policy.ddim(float(cfg.eta), float(cfg.min_std))
+        results = evaluate(policy, tasks, cfg.episodes, [int(s) for s in seeds], cfg.num_envs,
+                           acting_env_config(cfg.env, payload), sampler=sampler)
+        results.update({"kind": "eval", "checkpoint": str(ckpt), "encoder": policy.config.encoder,
+                        "unet": policy.config.unet})
+        out = Path(str(cfg.out)) if cfg.get("out") else ckpt.parent.parent / "eval"
+    results.update({"protocol": str(cfg.metric), "out": str(out)})
+    write_results(out, results, results_markdown(results, TITLES[str(cfg.metric)]))
+    return results
+
+
+def render(record: dict[str, Any]) -> str:
+    out = Path(record["out"])
+    return (f"\n{results_markdown(record, TITLES[record['protocol']])}\n\n"
+            f"wrote {out / 'results.json'} and {out / 'results.md'}")
+

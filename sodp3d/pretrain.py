@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -25,21 +24,10 @@ from sodp3d.data.windows import WindowDataset
 from sodp3d.errors import UserError
 from sodp3d.normalizer import MinMaxNormalizer
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
+from sodp3d.runs import RunLogger, refuse_existing, resolve_device, write_config, write_results
 
 # Per suite: horizon Tp, observed To, executed Ta (REFERENCE section 1).
 HORIZONS = {"metaworld": (12, 2, 8), "adroit": (4, 2, 3)}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:<index>") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name} asked for, but this torch build sees no CUDA device; use device=cpu or auto")
-    return device
 
 
 def parse_paths(data: Any) -> list[str]:
@@ -171,37 +159,6 @@ def _same_policy(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-class RunLogger:
-    """metrics.jsonl in the run dir, and wandb (offline unless asked otherwise)."""
-
-    def __init__(self, run_dir: Path, cfg: DictConfig, name: str):
-        self.path = run_dir / "metrics.jsonl"
-        self.wandb = None
-        mode = str(cfg.wandb.mode)
-        if mode not in ("offline", "online", "disabled"):
-            raise UserError(f"wandb.mode must be offline, online or disabled, got '{mode}'")
-        if mode != "disabled":
-            import wandb
-
-            id_file = run_dir / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-            id_file.write_text(run_id)
-            self.wandb = wandb.init(
-                project=str(cfg.wandb.project), name=name, id=run_id, resume="allow", mode=mode,
-                dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit=True,
-            )
-
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 def _record_data_settings(cfg: DictConfig, paths: list[str]) -> None:
     """Put the observation settings the data were collected with into ``cfg.env`` (per
     task), so that periodic evaluations, and everything that acts with the checkpoint
@@ -220,7 +177,8 @@ def _record_data_settings(cfg: DictConfig, paths: list[str]) -> None:
             cfg.env = with_recorded_settings(cfg.get("env"), recorded)
 
 
-def pretrain(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Pre-trains on ``cfg.data`` into ``cfg.out``; returns the record (also ``<out>/results.json``)."""
     from tqdm import tqdm
 
     from sodp3d.encoders import ENCODERS
@@ -245,8 +203,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     ckpt = run / "checkpoints" / "latest.ckpt"
     payload = None
     if ckpt.exists():
-        if not cfg.resume:
-            raise UserError(f"{run} already holds a run (checkpoints/latest.ckpt); pass resume=true to continue it, or another out")
+        refuse_existing(run, True, bool(cfg.resume), "a run (checkpoints/latest.ckpt)")
         payload = load_checkpoint(ckpt, map_location=device)
         diff = _same_policy(payload["policy_config"], config.to_dict())
         if diff:
@@ -260,7 +217,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     if payload is not None:
         trainer.load(payload)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    write_config(run, cfg)
     logger = RunLogger(run, cfg, run.name)
     n_params = sum(p.numel() for p in policy.parameters())
 
@@ -287,7 +244,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
                                "data": paths, **trainer.state()})
 
     bar = tqdm(total=steps, initial=trainer.step, desc="pretrain", unit="step", dynamic_ncols=True)
-    t0, seen, losses = time.perf_counter(), 0, []
+    t0, seen, losses, last_loss = time.perf_counter(), 0, [], None
     try:
         while trainer.step < steps:
             try:
@@ -298,7 +255,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
             seen += int(cfg.batch_size)
             if trainer.step % int(cfg.log_every) == 0 or trainer.step == steps:
                 rate = seen / (time.perf_counter() - t0)
-                mean = float(np.mean(losses))
+                mean = last_loss = float(np.mean(losses))
                 logger.log({"loss": mean, "lr": trainer.scheduler.get_last_lr()[0], "samples_per_s": rate}, trainer.step)
                 bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:.0f}")
                 losses = []
@@ -314,5 +271,20 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     finally:
         bar.close()
         logger.close()
-    return {"run": str(run), "checkpoint": str(ckpt), "steps": trainer.step, "params": n_params,
-            "windows": len(dataset), "seconds": time.perf_counter() - t0}
+    record = {"kind": "pretrain", "run": str(run), "checkpoint": str(ckpt), "data": paths, "seed": int(cfg.seed),
+              "encoder": config.encoder, "unet": config.unet, "steps": trainer.step, "params": n_params,
+              "windows": len(dataset), "loss": last_loss, "seconds": time.perf_counter() - t0}
+    write_results(run, record, _table(record))
+    return record
+
+
+def _table(record: dict[str, Any]) -> str:
+    loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
+    return ("| encoder | U-Net | parameters | windows | steps | last loss | seconds |\n|---|---|---:|---:|---:|---:|---:|\n"
+            f"| {record['encoder']} | {record['unet']} | {record['params'] / 1e6:.2f}M | {record['windows']} "
+            f"| {record['steps']} | {loss} | {record['seconds']:.0f} |")
+
+
+def render(record: dict[str, Any]) -> str:
+    return (f"\npre-trained {record['steps']} steps ({record['params'] / 1e6:.2f}M parameters, {record['windows']} windows) "
+            f"in {record['seconds']:.0f} s; checkpoint: {record['checkpoint']}")

@@ -21,6 +21,18 @@ from sodp3d.errors import UserError
 from sodp3d.files import write_text_atomic
 
 
+# Records of commands that evaluate nothing: skipped when a directory is searched.
+NOT_REPORTED = ("pretrain", "collect", "viz", "report")
+
+
+def _kind(f: Path) -> Any:
+    try:
+        rec = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # load_entries says what is wrong with it
+    return rec.get("kind") if isinstance(rec, dict) else None
+
+
 def find_results(paths: list[str]) -> list[Path]:
     found: list[Path] = []
     for p in paths:
@@ -30,7 +42,7 @@ def find_results(paths: list[str]) -> list[Path]:
         elif (d / "results.json").is_file():
             found.append(d / "results.json")
         elif d.is_dir():
-            nested = sorted(d.rglob("results.json"))
+            nested = [f for f in sorted(d.rglob("results.json")) if _kind(f) not in NOT_REPORTED]
             if not nested:
                 raise UserError(f"{d} holds no results.json (runs of sodp3d finetune, demo or eval)")
             # A demo writes one at its top and one under finetune/: keep the outermost.
@@ -162,7 +174,8 @@ def _curves(entries: list[dict[str, Any]], tasks: list[str]) -> dict[tuple[str, 
     return curves
 
 
-def report(cfg) -> dict[str, Any]:
+def run(cfg) -> dict[str, Any]:
+    """Gathers the runs into report.md / report.json and plots; returns the record."""
     from omegaconf import OmegaConf
 
     from sodp3d.plots import RATE, bars, curve_grid
@@ -193,4 +206,8 @@ def report(cfg) -> dict[str, Any]:
     if curves:
         written.append(str(curve_grid([t for t in summary["tasks"] if ("training success rate", t) in curves],
                                       ["training success rate"], curves, out / "curves.png", ylims=RATE)))
-    return {"text": text, "files": written, "summary": summary}
+    return {"kind": "report", "text": text, "files": written, "summary": summary}
+
+
+def render(record: dict[str, Any]) -> str:
+    return record["text"] + "\n\nwrote " + ", ".join(record["files"])

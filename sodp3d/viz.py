@@ -317,8 +317,9 @@ def dataset_figure(data_path: str | Path, path: str | Path, episodes: int = 6, m
 
 # ---------------------------------------------------------------------------------------
 # The command
-def viz(cfg) -> dict[str, Any]:
-    """``sodp3d viz ckpt=<run|file> [task=..]`` (rollouts) or ``sodp3d viz data=<zarr>``."""
+def run(cfg) -> dict[str, Any]:
+    """``sodp3d viz ckpt=<run|file> [task=..]`` (rollouts) or ``sodp3d viz data=<zarr>``; returns
+    the record: what was drawn, one row per rollout or episode, and the files written."""
     has_ckpt, has_data = cfg.get("ckpt") is not None, cfg.get("data") is not None
     if has_ckpt == has_data:
         raise UserError("pass exactly one of ckpt=<checkpoint or run dir> (a rollout) or data=<path.zarr> (a dataset view)")
@@ -329,12 +330,12 @@ def viz(cfg) -> dict[str, Any]:
         if n <= 0:
             raise UserError(f"episodes must be a positive integer, got {n}")
         png, rows = dataset_figure(data, out / "episodes.png", n)
-        return {"kind": "data", "files": [str(png)], "rows": rows}
+        return {"kind": "viz", "view": "data", "files": [str(png)], "rows": rows}
 
     from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_checkpoint
     from sodp3d.envs import resolve_tasks
     from sodp3d.evaluate import check_policy_fits
-    from sodp3d.pretrain import resolve_device
+    from sodp3d.runs import resolve_device
 
     ckpt = checkpoint_path(cfg.ckpt)
     policy, payload = policy_from_checkpoint(ckpt, device=resolve_device(str(cfg.device)), use_ema=bool(cfg.use_ema))
@@ -361,4 +362,20 @@ def viz(cfg) -> dict[str, Any]:
                 files.append(str(rollout_html(record, out / f"{stem}.html")))
             rows.append({"task": task, "seed": seed, "steps": record.steps, "success": record.success,
                          "return": record.ret})
-    return {"kind": "rollout", "files": files, "rows": rows}
+    return {"kind": "viz", "view": "rollout", "files": files, "rows": rows}
+
+
+def render(record: dict[str, Any]) -> str:
+    """The record's rows as a markdown table, and the files written."""
+    if record["view"] == "data":
+        lines = ["| episode | task | steps | success | return |", "|---:|---|---:|---|---:|"]
+        for row in record["rows"]:
+            ok = "-" if row["success"] is None else ("yes" if row["success"] else "no")
+            ret = "-" if row["return"] is None else f"{row['return']:.1f}"
+            lines.append(f"| {row['episode']} | {row['task']} | {row['steps']} | {ok} | {ret} |")
+    else:
+        lines = ["| task | seed | steps | success | return |", "|---|---:|---:|---|---:|"]
+        for row in record["rows"]:
+            lines.append(f"| {row['task']} | {row['seed']} | {row['steps']} | {'yes' if row['success'] else 'no'} "
+                         f"| {row['return']:.1f} |")
+    return "\n".join(lines) + "\n\nwrote " + ", ".join(record["files"])

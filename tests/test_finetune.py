@@ -81,7 +81,7 @@ def test_scratch_init(pretrained, tmp_path):
 
 
 def test_interrupted_run_resumes(pretrained, tmp_path, monkeypatch):
-    from sodp3d import finetune as module
+    from sodp3d.finetune import ppo as module
 
     out = tmp_path / "resume"
     original = module.FineTuner.update
@@ -105,7 +105,7 @@ def test_interrupted_run_resumes(pretrained, tmp_path, monkeypatch):
 
 
 def test_nan_guard_keeps_the_last_good_checkpoint(pretrained, tmp_path, monkeypatch, capsys):
-    from sodp3d import finetune as module
+    from sodp3d.finetune import ppo as module
 
     out = tmp_path / "nan"
     original = module.ppo_loss

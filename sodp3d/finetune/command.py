@@ -1,0 +1,233 @@
+"""``sodp3d finetune``: task-guided fine-tuning of a pre-trained planner, task by task.
+
+Per task: evaluate the pre-trained policy, fill the target buffer with N_init of its
+rollouts, then alternate rollouts (sodp3d.finetune.rollouts) and PPO updates with the
+regulariser (sodp3d.finetune.ppo) until the env-step budget is spent, evaluating along
+the way and at the end. Every update ends in an atomic checkpoint; ``resume=true``
+continues a killed run, and a finished task is not redone.
+
+The record (results.json) holds per task the success before and after fine-tuning at
+each evaluation eta, with the learning curve; ``sodp3d report`` reads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sodp3d.checkpoint import load_checkpoint, save_checkpoint
+from sodp3d.errors import UserError
+from sodp3d.policy import DiffusionPolicy, PolicyConfig
+from sodp3d.runs import RunLogger, refuse_existing, resolve_device, results_table, write_results
+
+from .ppo import FineTuner
+from .regularisers import REGULARISERS
+from .rollouts import collect_rollout
+
+METRIC = "final evaluation, success rate over {episodes} episodes (DDIM eta = {eta:g}), before and after fine-tuning"
+
+def _initial_policy(cfg: DictConfig, pretrained: DiffusionPolicy, device: torch.device) -> DiffusionPolicy:
+    """The policy to fine-tune, from the pre-trained one (left untouched) and cfg.init."""
+    init = str(cfg.init)
+    if init == "pretrained":
+        return copy.deepcopy(pretrained)
+    if init == "scratch":
+        torch.manual_seed(int(cfg.seed))
+        fresh = DiffusionPolicy(PolicyConfig(**pretrained.config.to_dict()))
+        fresh.normalizer.load_state_dict(pretrained.normalizer.state_dict())  # data statistics only
+        return fresh.to(device)
+    raise UserError(f"unknown init '{init}'; valid: pretrained, scratch")
+
+
+def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
+                  pretrained: DiffusionPolicy) -> dict[str, Any]:
+    """Fine-tune one task from ``pretrained`` (not modified; the KL regulariser's
+    reference); returns its summary (pre-trained and fine-tuned success)."""
+    from tqdm import tqdm
+
+    from sodp3d.envs import make_vector_env
+    from sodp3d.evaluate import check_policy_fits, evaluate_task
+
+    policy = _initial_policy(cfg, pretrained, device)
+    check_policy_fits(policy, task, cfg.env)
+    algo = cfg.algo
+    ft = FineTuner(policy, algo, device, int(cfg.seed), reference=pretrained)
+    ckpt = run / "checkpoints" / "latest.ckpt"
+    state: dict[str, Any] = {"env_steps": 0, "history": [], "evals": [], "pretrained_eval": None}
+    if ckpt.exists():
+        refuse_existing(run, True, bool(cfg.resume), "a fine-tuning run")
+        payload = load_checkpoint(ckpt, map_location=device)
+        ft.load(payload)
+        state = payload["finetune_state"]
+    etas = eval_etas(cfg)
+    # One DDIM sampler per evaluation eta; eta = 1 is the sampler fine-tuning optimises.
+    samplers = [policy.ddim(e, float(algo.min_std)) for e in etas]
+
+    def rate_of(tag: str, eta: float) -> float | None:
+        return next((e["success_rate"] for e in state["evals"] if e["tag"] == tag and e.get("eta", 0.0) == eta), None)
+
+    def summary(final: float | None) -> dict[str, Any]:
+        return {"task": task, "reg": ft.reg_name, "init": str(cfg.init), "env_steps": state["env_steps"],
+                "pretrained_success": state["pretrained_eval"], "finetuned_success": final,
+                "by_eta": [{"eta": e, "pretrained_success": rate_of("initial", e), "finetuned_success": rate_of("final", e)}
+                           for e in etas],
+                "updates": ft.updates, "history": state["history"], "evals": state["evals"]}
+
+    done = rate_of("final", etas[0])
+    if done is not None and state["env_steps"] >= int(cfg.env_steps):
+        return summary(done)  # a finished run: nothing to do
+    run.mkdir(parents=True, exist_ok=True)
+    logger = RunLogger(run, cfg, f"{run.parent.name}-{task}")
+    E = int(cfg.num_envs)
+    vec = make_vector_env(task, E, cfg.env, asynchronous=E > 1, n_obs_steps=policy.config.n_obs_steps,
+                          n_action_steps=policy.config.n_action_steps)
+    budget = int(cfg.env_steps)
+    seed_base = int(cfg.seed) * 1_000_003
+
+    def save() -> None:
+        save_checkpoint(ckpt, {"policy_config": policy.config.to_dict(), "task": task,
+                               "train_config": OmegaConf.to_container(cfg, resolve=True),
+                               "finetune_state": state, **ft.state()})
+
+    def run_eval(tag: str) -> float:
+        """``sodp3d eval``'s protocol on the fine-tuner's own environments, at each eval
+        eta; returns the success rate at the first (the headline metric)."""
+        rates = []
+        for eta, sampler in zip(etas, samplers):
+            gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+            r = evaluate_task(ft.policy, task, int(cfg.eval.episodes), int(cfg.seed), E, generator=gen, vec=vec,
+                              sampler=sampler)
+            rate, ret = float(np.mean(r["success"])), float(np.mean(r["return"]))
+            state["evals"].append({"tag": tag, "eta": eta, "env_steps": state["env_steps"], "success_rate": rate,
+                                   "mean_return": ret})
+            suffix = "" if eta == etas[0] else f"_eta{eta:g}"
+            logger.log({f"eval/success_rate{suffix}": rate, f"eval/mean_return{suffix}": ret}, state["env_steps"])
+            rates.append(rate)
+        return rates[0]
+
+    bar = tqdm(total=budget, initial=min(state["env_steps"], budget), desc=f"finetune {task} ({ft.reg_name})",
+               unit="step", dynamic_ncols=True)
+    try:
+        if state["pretrained_eval"] is None:
+            if int(cfg.eval.episodes) > 0:
+                state["pretrained_eval"] = run_eval("initial")
+            # N_init rollouts of the initial model fill the target buffer (eq. 13).
+            n_init = int(algo.n_init)
+            filled = 0
+            while filled < n_init:
+                seeds = [seed_base + 10_000_000 + filled + j for j in range(E)]
+                ro = collect_rollout(ft.policy, vec, ft.sampler, seeds, ft.torch_gen)
+                ft.buffer.add(ro.trajectories[: n_init - filled])
+                filled += min(E, n_init - filled)
+            save()
+        last_eval = state["evals"][-1]["env_steps"] if state["evals"] else 0
+        while state["env_steps"] < budget:
+            seeds = [seed_base + ft.updates * E + j for j in range(E)]
+            ro = collect_rollout(ft.policy, vec, ft.sampler, seeds, ft.torch_gen)
+            ft.buffer.add(ro.trajectories)
+            t_upd = time.perf_counter()
+            try:
+                stats = ft.update(ro)
+            except FloatingPointError as e:
+                raise UserError(f"fine-tuning stopped: {e}; the last good checkpoint is {ckpt}") from None
+            upd_s = time.perf_counter() - t_upd
+            state["env_steps"] += ro.env_steps
+            entry = {
+                "update": ft.updates, "env_steps": state["env_steps"],
+                "success_rate": float(np.mean([t.success for t in ro.trajectories])),
+                "mean_chunk_reward": float(ro.reward.mean()),
+                "mean_return": float(np.mean([t.ret for t in ro.trajectories])),
+                "target_buffer": len(ft.buffer), "env_steps_per_s": ro.env_steps / max(ro.seconds, 1e-9),
+                "steps_per_s_with_update": ro.env_steps / max(ro.seconds + upd_s, 1e-9), **stats,
+            }
+            state["history"].append(entry)
+            logger.log(entry, state["env_steps"])
+            bar.update(min(ro.env_steps, budget - bar.n))
+            bar.set_postfix(success=f"{entry['success_rate']:.2f}", kl=f"{entry['approx_kl']:.1e}",
+                            clip=f"{entry['clip_fraction']:.2f}")
+            every = int(cfg.eval.every_env_steps)
+            if int(cfg.eval.episodes) > 0 and every > 0 and state["env_steps"] - last_eval >= every:
+                run_eval("periodic")
+                last_eval = state["env_steps"]
+            save()
+        final = run_eval("final") if int(cfg.eval.episodes) > 0 else None
+        save()
+    finally:
+        bar.close()
+        vec.close()
+        logger.close()
+    return summary(final)
+
+
+def eval_etas(cfg: DictConfig) -> list[float]:
+    """The DDIM etas fine-tuning evaluates with (``eval.etas``); the first is the headline."""
+    etas = cfg.eval.get("etas", [0.0])
+    etas = [etas] if isinstance(etas, (int, float)) else list(etas)
+    if not etas or any(not isinstance(e, (int, float)) or not 0 <= e <= 1 for e in etas):
+        raise UserError(f"eval.etas must list DDIM etas in [0, 1] (0: deterministic, 1: as fine-tuning samples), got {etas}")
+    return [float(e) for e in etas]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tunes every task of ``cfg.task`` from ``cfg.ckpt``; returns the results record
+    (also written to ``<out>/results.json``, with its table in ``results.md``)."""
+    from omegaconf import open_dict
+
+    from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_payload
+    from sodp3d.envs import resolve_tasks
+
+    if cfg.get("ckpt") in (None, "???"):
+        raise UserError("no checkpoint; pass ckpt=<pre-trained checkpoint or run dir>")
+    if cfg.get("out") in (None, "???"):
+        raise UserError("no run directory; pass out=<run dir>")
+    tasks = resolve_tasks(cfg.task if cfg.get("task") != "???" else None)
+    for key in ("env_steps", "num_envs"):
+        if not isinstance(cfg[key], int) or cfg[key] <= 0:
+            raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    if str(cfg.algo.reg) not in REGULARISERS:
+        raise UserError(f"unknown regulariser reg={cfg.algo.reg}; valid: {', '.join(REGULARISERS)}")
+    etas = eval_etas(cfg)
+    device = resolve_device(str(cfg.device))
+    # One read of the pre-trained checkpoint: its policy, and the observation settings it
+    # was trained with (plus the user's changes) to act with.
+    payload = load_checkpoint(checkpoint_path(cfg.ckpt))
+    pretrained = policy_from_payload(payload, device, use_ema=True, source=str(checkpoint_path(cfg.ckpt)))
+    with open_dict(cfg):
+        cfg.env = acting_env_config(cfg.env, payload)
+    del payload
+    out = Path(str(cfg.out))
+    summaries = []
+    for task in tasks:
+        run = out / task if len(tasks) > 1 else out
+        summaries.append(finetune_task(cfg, task, run, device, pretrained))
+    record = results_record(cfg, summaries, pretrained.config, etas)
+    write_results(out, record, results_table(record))
+    return record
+
+
+def render(record: dict[str, Any]) -> str:
+    return f"\n{results_table(record)}\n\nwrote {record['out']}/results.md and results.json"
+
+
+def results_record(cfg: DictConfig, summaries: list[dict[str, Any]], pc: PolicyConfig,
+                   etas: list[float]) -> dict[str, Any]:
+    """What ``sodp3d report`` reads: the run's variant (seed, regulariser, init, encoder,
+    U-Net) and per task the success before and after fine-tuning at each evaluation eta,
+    with the learning curve."""
+    return {
+        "kind": "finetune",
+        "metric": METRIC.format(episodes=int(cfg.eval.episodes), eta=etas[0]),
+        "eval_etas": etas,
+        "eval_episodes": int(cfg.eval.episodes),
+        "seed": int(cfg.seed), "reg": str(cfg.algo.reg), "init": str(cfg.init),
+        "encoder": pc.encoder, "unet": pc.unet, "ckpt": str(cfg.ckpt),
+        "env_steps": int(cfg.env_steps),
+        "out": str(cfg.out),
+        "tasks": summaries,
+    }

@@ -1,0 +1,99 @@
+"""The regularisers added to the PPO loss, chosen by ``reg=`` (a registry, one class each).
+
+    bc    the pre-training denoising loss (eq. 7) on action sequences of the target
+          buffer: successful trajectories, or the top-n by return (the paper's);
+    none  nothing (DDPO / DPPO style);
+    kl    KL to the frozen pre-trained model at every denoising step (DPOK);
+    pl    the pre-training loss on the model's own recent samples (DLPO).
+
+Each gets the fine-tuner that owns it (policy, sampler, target buffer, reference model,
+RNGs) and returns a scalar loss for one minibatch, or None.
+
+Shapes: B minibatch of chunks, S DDIM steps, Tp predicted steps, Da action dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .rollouts import Rollout
+
+
+def gaussian_kl_same_std(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mp, s^2) || N(mq, s^2)) averaged over the non-batch dims: (B,)."""
+    return ((mean_p - mean_q) ** 2 / (2 * std ** 2)).flatten(1).mean(1)
+
+
+class Regulariser:
+    """A regulariser's loss for one minibatch; registry below, chosen by ``reg=``."""
+
+    name = ""
+
+    def __init__(self, finetuner: Any):
+        self.ft = finetuner  # the FineTuner (sodp3d.finetune.ppo) that owns this regulariser
+
+    def loss(self, obs: dict[str, torch.Tensor], chains: torch.Tensor, rollout: Rollout) -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+class NoRegulariser(Regulariser):
+    name = "none"
+
+    def loss(self, obs, chains, rollout):
+        return None
+
+
+class BCRegulariser(Regulariser):
+    """Pre-training loss on proficient trajectories' action sequences (the paper's)."""
+
+    name = "bc"
+
+    def loss(self, obs, chains, rollout):
+        ft = self.ft
+        if len(ft.buffer.trajectories) == 0:
+            return None
+        c = ft.policy.config
+        batch = ft.buffer.sample(ft.bc_batch_size, c.horizon, c.n_obs_steps, ft.rng)
+        return ft.policy.compute_loss(batch, generator=ft.torch_gen)
+
+
+class KLRegulariser(Regulariser):
+    """KL to the frozen pre-trained model at every denoising step of the stored chains (DPOK)."""
+
+    name = "kl"
+
+    def loss(self, obs, chains, rollout):
+        ft = self.ft
+        sampler = ft.sampler
+        # All S steps of every chain as one batch of B * S, for both models.
+        B, S = chains.shape[0], chains.shape[1] - 1
+        x_t = chains[:, :-1].reshape(B * S, *chains.shape[2:])
+        t = torch.as_tensor(sampler.timesteps, device=chains.device).repeat(B)
+        t_prev = torch.as_tensor(sampler.prev_timesteps, device=chains.device).repeat(B)
+        cond = ft.policy.condition(obs).repeat_interleave(S, dim=0)
+        mean, std = sampler.step_distribution(ft.policy.denoiser(cond), x_t, t, t_prev)
+        with torch.no_grad():
+            ref_cond = ft.reference.condition(obs).repeat_interleave(S, dim=0)
+            ref_mean, _ = sampler.step_distribution(ft.reference.denoiser(ref_cond), x_t, t, t_prev)
+        return gaussian_kl_same_std(mean, ref_mean, std).mean()
+
+
+class PLRegulariser(Regulariser):
+    """The pre-training loss on the model's own recent samples (DLPO)."""
+
+    name = "pl"
+
+    def loss(self, obs, chains, rollout):
+        ft = self.ft
+        x0 = ft.policy.normalizer.unnormalize("action", chains[:, -1])
+        return ft.policy.compute_loss({"obs": obs, "action": x0}, generator=ft.torch_gen)
+
+
+REGULARISERS: dict[str, type[Regulariser]] = {
+    "bc": BCRegulariser,
+    "none": NoRegulariser,
+    "kl": KLRegulariser,
+    "pl": PLRegulariser,
+}
