@@ -94,6 +94,13 @@ def _command_help(cmd: Command) -> str:
     return text + "Options (defaults shown; override with key=value):\n\n" + OmegaConf.to_yaml(cfg, resolve=False)
 
 
+def _rank_zero() -> bool:
+    """Under torchrun every process runs the command; the first one speaks for all."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -117,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unknown flag {bad[0]}; options are key=value overrides (see sodp3d {name} --help)")
         cfg = compose(name, rest)
         module = cmd.load()
-        print(module.render(module.run(cfg)))
+        record = module.run(cfg)
+        if _rank_zero():
+            print(module.render(record))
         return 0
     except UserError as e:
-        print(f"sodp3d {name}: error: {e}", file=sys.stderr)
+        if _rank_zero():
+            print(f"sodp3d {name}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"\nsodp3d {name}: interrupted; finished work is saved, run the same command again to resume", file=sys.stderr)

@@ -141,14 +141,21 @@ class DiffusionPolicy(nn.Module):
         return action_pred[:, start : start + self.config.n_action_steps]
 
     # -- training ------------------------------------------------------------------------
-    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoising loss of eq. 7 (noise prediction) or DP3's sample prediction."""
-        cond = self.condition(batch["obs"])
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                     rows: slice | None = None) -> torch.Tensor:
+        """Denoising loss of eq. 7 (noise prediction) or DP3's sample prediction.
+
+        ``rows``: the loss of these rows only (their mean), with the noise and diffusion
+        steps drawn for the whole batch: a distributed rank's share of a global batch."""
+        obs = batch["obs"] if rows is None else {key: v[rows] for key, v in batch["obs"].items()}
+        cond = self.condition(obs)
         x0 = self.normalizer.normalize("action", self._tensor(batch["action"]))
         if x0.shape[1:] != (self.config.horizon, self.action_dim):
             raise UserError(f"action windows have shape {tuple(x0.shape[1:])}, the policy expects {(self.config.horizon, self.action_dim)}")
         noise = torch.randn(x0.shape, generator=generator, device=x0.device) if generator is not None else torch.randn_like(x0)
         k = torch.randint(0, self.schedule.num_train_steps, (x0.shape[0],), device=x0.device, generator=generator)
+        if rows is not None:
+            x0, noise, k = x0[rows], noise[rows], k[rows]
         x_k = self.schedule.add_noise(x0, noise, k)
         return self.schedule.loss(self.model(x_k, k, cond), x0, noise)
 

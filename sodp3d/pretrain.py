@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sodp3d.checkpoint import load_checkpoint, save_checkpoint
+from sodp3d import distributed
 from sodp3d.data.windows import WindowDataset
 from sodp3d.errors import UserError
 from sodp3d.normalizer import MinMaxNormalizer
@@ -99,11 +100,18 @@ def lr_lambda(warmup: int, total: int):
 
 
 class Trainer:
-    """Owns the optimiser, schedule, EMA and RNGs; the policy owns only its loss."""
+    """Owns the optimiser, schedule, EMA and RNGs; the policy owns only its loss.
 
-    def __init__(self, policy: DiffusionPolicy, cfg: DictConfig, device: torch.device):
+    With several processes (``ranks``), every rank draws the same global batch and keeps
+    its rows; DistributedDataParallel averages the gradients, so each rank takes the step
+    one process would take on the whole batch, and the weights stay equal on all ranks."""
+
+    def __init__(self, policy: DiffusionPolicy, cfg: DictConfig, device: torch.device,
+                 ranks: distributed.Ranks = distributed.Ranks()):
         self.policy = policy.to(device)
         self.device = device
+        self.ranks = ranks
+        self.loss_fn = distributed.loss_module(ranks, self.policy, device)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             policy.parameters(), lr=float(o.lr), betas=tuple(o.betas), weight_decay=float(o.weight_decay)
@@ -120,9 +128,10 @@ class Trainer:
     def train_step(self, dataset: WindowDataset, batch_size: int) -> float:
         batch = dataset.sample(batch_size, self.rng)
         self.policy.train()
-        loss = self.policy.compute_loss(batch, generator=self.torch_gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}")
+        loss = self.loss_fn(batch, self.torch_gen, self.ranks.rows(batch_size))
+        batch_loss = distributed.mean(self.ranks, loss)  # the same on every rank, so all stop alike
+        if not torch.isfinite(batch_loss):
+            raise FloatingPointError(f"loss is {batch_loss.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
@@ -131,7 +140,7 @@ class Trainer:
         self.scheduler.step()
         self.ema.update_parameters(self.policy)
         self.step += 1
-        return float(loss.item())
+        return float(batch_loss.item())
 
     def state(self) -> dict[str, Any]:
         return {
@@ -178,11 +187,8 @@ def _record_data_settings(cfg: DictConfig, paths: list[str]) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Pre-trains on ``cfg.data`` into ``cfg.out``; returns the record (also ``<out>/results.json``)."""
-    from tqdm import tqdm
-
-    from sodp3d.encoders import ENCODERS
-
+    """Pre-trains on ``cfg.data`` into ``cfg.out``; returns the record (also ``<out>/results.json``).
+    Under torchrun every process runs this; rank 0 alone writes (see sodp3d.distributed)."""
     paths = parse_paths(cfg.data)
     if not cfg.get("out") or cfg.out == "???":
         raise UserError("no run directory; pass out=<run dir>")
@@ -190,7 +196,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     steps = int(cfg.steps)
     if steps <= 0 or int(cfg.batch_size) <= 0:
         raise UserError(f"steps and batch_size must be positive, got steps={cfg.steps}, batch_size={cfg.batch_size}")
-    device = resolve_device(str(cfg.device))
+    ranks = distributed.ranks_from_env()
+    ranks.rows(int(cfg.batch_size))  # a batch that does not split is refused before anything starts
+    device = distributed.start(ranks, resolve_device(str(cfg.device)))
+    try:
+        return _run(cfg, paths, run, steps, device, ranks)
+    finally:
+        distributed.stop(ranks)
+
+
+def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch.device,
+         ranks: distributed.Ranks) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from sodp3d.encoders import ENCODERS
+
     enc_name = str(cfg.encoder.name)
     if enc_name not in ENCODERS:
         raise UserError(f"unknown encoder '{enc_name}'; valid: {', '.join(ENCODERS)}")
@@ -209,16 +229,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if diff:
             raise UserError(f"{ckpt} was built with other policy settings ({', '.join(diff)} differ); resume with the same ones")
         normalizer = None
-    else:
-        normalizer = MinMaxNormalizer.fit(dataset.arrays_for_fit())
+    else:  # fitted once, on rank 0, and sent to the others
+        normalizer = distributed.broadcast(ranks, MinMaxNormalizer.fit(dataset.arrays_for_fit()) if ranks.main else None)
     torch.manual_seed(int(cfg.seed))  # the same seed gives the same initial weights
     policy = DiffusionPolicy(config, normalizer)
-    trainer = Trainer(policy, cfg, device)
+    trainer = Trainer(policy, cfg, device, ranks)
     if payload is not None:
         trainer.load(payload)
-    run.mkdir(parents=True, exist_ok=True)
-    write_config(run, cfg)
-    logger = RunLogger(run, cfg, run.name)
+    if ranks.main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_config(run, cfg)
+    logger = RunLogger(run, cfg, run.name, enabled=ranks.main)
     n_params = sum(p.numel() for p in policy.parameters())
 
     eval_every = int(cfg.eval.every)
@@ -240,10 +261,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log({"eval/success_rate": entry["average"]}, trainer.step)
 
     def checkpoint() -> None:
+        if not ranks.main:
+            return
         save_checkpoint(ckpt, {"policy_config": config.to_dict(), "train_config": OmegaConf.to_container(cfg, resolve=True),
                                "data": paths, **trainer.state()})
 
-    bar = tqdm(total=steps, initial=trainer.step, desc="pretrain", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=trainer.step, desc="pretrain", unit="step", dynamic_ncols=True,
+               disable=not ranks.main)
     t0, seen, losses, last_loss = time.perf_counter(), 0, [], None
     try:
         while trainer.step < steps:
@@ -261,7 +285,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 losses = []
             if trainer.step % int(cfg.checkpoint_every) == 0:
                 checkpoint()
-            if eval_every > 0 and (trainer.step % eval_every == 0 or trainer.step == steps):
+            if eval_every > 0 and ranks.main and (trainer.step % eval_every == 0 or trainer.step == steps):
                 periodic_eval()
             bar.update(1)
         checkpoint()
@@ -273,8 +297,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.close()
     record = {"kind": "pretrain", "run": str(run), "checkpoint": str(ckpt), "data": paths, "seed": int(cfg.seed),
               "encoder": config.encoder, "unet": config.unet, "steps": trainer.step, "params": n_params,
-              "windows": len(dataset), "loss": last_loss, "seconds": time.perf_counter() - t0}
-    write_results(run, record, _table(record))
+              "windows": len(dataset), "loss": last_loss, "seconds": time.perf_counter() - t0,
+              "processes": ranks.world}
+    if ranks.main:
+        write_results(run, record, _table(record))
     return record
 
 

@@ -60,15 +60,17 @@ def write_results(out: Path, record: dict[str, Any], table: str) -> tuple[Path, 
 # ---------------------------------------------------------------------------------------
 # Metrics
 class RunLogger:
-    """metrics.jsonl in the run dir, and wandb (offline unless asked otherwise)."""
+    """metrics.jsonl in the run dir, and wandb (offline unless asked otherwise). A logger
+    that is not ``enabled`` (a distributed rank other than 0) writes nothing."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, name: str):
+    def __init__(self, run_dir: Path, cfg: DictConfig, name: str, enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
         self.wandb = None
         mode = str(cfg.wandb.mode)
         if mode not in ("offline", "online", "disabled"):
             raise UserError(f"wandb.mode must be offline, online or disabled, got '{mode}'")
-        if mode != "disabled":
+        if mode != "disabled" and enabled:
             import wandb
 
             id_file = run_dir / "wandb_id"
@@ -80,6 +82,8 @@ class RunLogger:
             )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
