@@ -62,6 +62,11 @@ COMMANDS = {c.name: c for c in [
         "sodp3d viz ckpt=<checkpoint or run dir> [task=<task>] [episodes=1] [seed=0]  |  sodp3d viz data=<path.zarr>",
     ),
     Command(
+        "sweep", "sodp3d.sweep",
+        "run an experiment's grid (tasks x seeds x variants: collect, pretrain, finetune, eval) on Ray, then report",
+        "sodp3d sweep experiment=<name> [seeds=[0,1,2]] [ray.address=auto] [max_retries=1]",
+    ),
+    Command(
         "report", "sodp3d.report",
         "gather runs (seeds, regularisers, encoders, tasks) into one table (mean and std) and plots",
         "sodp3d report runs=[<run dir>,...] [out=runs/report]",
@@ -84,6 +89,9 @@ def _command_help(cmd: Command) -> str:
     listed = [f"  {g}: {', '.join(group_options(g))}"
               + (f"  (default: {default})" if default else "") for g, default in config_groups(cmd.name)]
     text = f"usage: {cmd.usage}\n\n{cmd.summary}.\n\n"
+    more = getattr(cmd.load(), "help_text", None)  # a command may say more (the sweep: its experiments)
+    if more is not None:
+        text += more() + "\n\n"
     if listed:
         text += "Config groups (choose with group=name):\n" + "\n".join(listed) + "\n\n"
     if any(k in cfg.keys() for k in ("task", "tasks")):

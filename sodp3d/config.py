@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -66,3 +67,21 @@ def compose(name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfi
     except (HydraException, OmegaConfBaseException) as e:
         first = " ".join(str(e).strip().split("\n")[0].split())
         raise UserError(f"bad override: {first}") from None
+
+
+def stage_config(name: str, cfg: DictConfig, section: str, extra: dict[str, Any],
+                 groups: tuple[str, ...] = ()) -> DictConfig:
+    """The config of command ``name`` run as a stage of a larger job (the demo, a sweep):
+    its own config with the job's ``section`` and ``extra`` merged in, and the job's env
+    and the named config groups put in place of the command's (replaced whole, so no key
+    of the command's default group survives)."""
+    from omegaconf import OmegaConf
+
+    base = compose(name)
+    OmegaConf.set_struct(base, False)
+    merged = OmegaConf.merge(base, OmegaConf.to_container(cfg.get(section) or {}, resolve=True), extra)
+    for group in ("env",) + groups:
+        merged[group] = OmegaConf.to_container(cfg[group], resolve=True)
+    OmegaConf.set_struct(merged, True)
+    return merged
+

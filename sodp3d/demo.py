@@ -20,24 +20,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sodp3d.config import compose
+from sodp3d.config import stage_config
 from sodp3d.errors import UserError
 from sodp3d.files import write_text_atomic
 from sodp3d.runs import refuse_existing, resolve_device, results_table, write_config, write_results
-
-
-def _sub_config(name: str, cfg: DictConfig, section: str, extra: dict[str, Any],
-                groups: tuple[str, ...] = ()) -> DictConfig:
-    """The command's own config with the demo's section and ``extra`` merged in, and the
-    demo's env and the named config groups put in place of the command's (replaced
-    whole, so no key of the command's default group survives)."""
-    base = compose(name)
-    OmegaConf.set_struct(base, False)
-    merged = OmegaConf.merge(base, OmegaConf.to_container(cfg.get(section) or {}, resolve=True), extra)
-    for group in ("env",) + groups:
-        merged[group] = OmegaConf.to_container(cfg[group], resolve=True)
-    OmegaConf.set_struct(merged, True)
-    return merged
 
 
 def _stage(label: str) -> None:
@@ -85,14 +71,14 @@ def _demo(cfg: DictConfig) -> dict[str, Any]:
 
     _stage(f"1/4 collect: {len(tasks)} tasks x {cfg.collect.episodes} sub-optimal episodes ({cfg.collect.source})")
     t0 = time.perf_counter()
-    data = collect.run(_sub_config("collect", cfg, "collect",
+    data = collect.run(stage_config("collect", cfg, "collect",
                                    {"task": tasks, "out": str(paths["data"]), "seed": int(cfg.seed)}))
     timed("collect", t0)
     print(collect.dataset_table(data["per_task"]))
 
     _stage(f"2/4 pre-train: {cfg.policy.unet} U-Net + {cfg.encoder.name} encoder, {cfg.pretrain.steps} steps, reward-free")
     t0 = time.perf_counter()
-    pre = pretrain.run(_sub_config("pretrain", cfg, "pretrain", {
+    pre = pretrain.run(stage_config("pretrain", cfg, "pretrain", {
         "data": str(paths["data"]), "out": str(paths["pretrain"]), "resume": True, "seed": int(cfg.seed),
         "device": str(cfg.device), "wandb": wandb}, groups=("encoder", "policy")))
     timed("pretrain", t0)
@@ -100,7 +86,7 @@ def _demo(cfg: DictConfig) -> dict[str, Any]:
 
     _stage(f"3/4 fine-tune (reg={cfg.reg}) on {', '.join(ft_tasks)}: evaluate, PPO + {cfg.reg}, evaluate again")
     t0 = time.perf_counter()
-    ft_cfg = _sub_config("finetune", cfg, "finetune", {
+    ft_cfg = stage_config("finetune", cfg, "finetune", {
         "ckpt": str(paths["pretrain"]), "task": ft_tasks, "out": str(paths["finetune"]), "resume": True,
         "seed": int(cfg.seed), "device": str(cfg.device), "reg": str(cfg.reg), "init": "pretrained", "wandb": wandb},
         groups=("algo",))

@@ -72,13 +72,15 @@ def test_demo_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
 def test_help_lists_every_command_and_each_commands_groups(capsys):
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
-    for name in ("demo", "collect", "pretrain", "finetune", "eval", "viz", "report"):
+    for name in ("demo", "collect", "pretrain", "finetune", "eval", "viz", "sweep", "report"):
         assert f"\n  {name} " in top
-    assert set(COMMANDS) == {"demo", "collect", "pretrain", "finetune", "eval", "viz", "report"}
+    assert set(COMMANDS) == {"demo", "collect", "pretrain", "finetune", "eval", "viz", "sweep", "report"}
     expect = {"demo": ["env:", "encoder:", "policy:", "algo: cpu, sodp", "experiment: smoke", "Tasks"],
               "pretrain": ["encoder: dp3, pointnet, state", "policy: paper, simple, tiny"],
               "finetune": ["algo: cpu, sodp  (default: sodp)", "Tasks"], "report": ["runs:"],
-              "viz": ["ckpt:", "data:"], "eval": ["Tasks"], "collect": ["source:"]}
+              "viz": ["ckpt:", "data:"], "eval": ["Tasks"], "collect": ["source:"],
+              "sweep": ["Experiments (experiment=<name>):", "smoke: 8 runs (2 collect, 2 pretrain, 4 finetune)",
+                        "variants bc, none", "ray:", "max_retries:"]}
     for name, words in expect.items():
         assert main([name, "--help"]) == 0
         text = capsys.readouterr().out

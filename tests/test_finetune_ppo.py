@@ -128,6 +128,23 @@ def test_first_update_has_ratio_one():
     assert second["ratio_max"] - second["ratio_min"] > 1e-4, second
 
 
+@pytest.mark.parametrize("ppo_weight", [0.0, 1.0])
+def test_ppo_weight_switches_the_ppo_term(ppo_weight):
+    """ppo_weight = 0 (the BC-only control) with no regulariser leaves the weights where
+    they are; the paper's ppo_weight = 1 moves them on the same rollout."""
+    policy = make_policy(1)
+    ft = FineTuner(policy, algo(p_step=1, batch_size=8 * S, ppo_weight=ppo_weight), CPU, seed=0)
+    gen = torch.Generator().manual_seed(2)
+    ro, _ = sample_rollout(ft, random_obs(32, gen), gen)
+    before = params(policy)
+    stats = ft.update(ro, episodes=1)
+    assert stats["loss_imp"] != 0  # the term is computed (and logged) either way
+    if ppo_weight == 0:
+        assert_same_params(before, policy)
+    else:
+        assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
 def test_ppo_loss_closed_form_and_gradients():
     e = 0.1
     log_rho = torch.tensor([[0.5, -0.5, 0.05], [0.5, -0.5, -0.05]])  # rho ~ 1.65, 0.61, 1.05 / 0.95

@@ -104,3 +104,23 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert rc == 2 and "Traceback" not in err and words in err, (args, err)
         assert len([ln for ln in err.splitlines() if ln.startswith("sodp3d report: error:")]) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_named_variants_and_the_papers_numbers_beside_ours(tmp_path):
+    """A sweep's runs carry their variant's name; where the paper reports a task (Adroit
+    door here), its number stands in a column of its own, and other tasks get none."""
+    run = tmp_path / "door"
+    run.mkdir()
+    task = {"task": "adroit-door", "reg": "bc", "init": "pretrained", "env_steps": 10, "pretrained_success": 0.25,
+            "finetuned_success": 0.5, "updates": 1, "history": [], "evals": []}
+    (run / "results.json").write_text(json.dumps({
+        "kind": "finetune", "metric": "m", "seed": 0, "reg": "bc", "init": "pretrained", "variant": "paper-bc",
+        "encoder": "dp3", "unet": "simple", "ckpt": "pre", "env_steps": 10, "tasks": [task]}))
+    out = tmp_path / "report"
+    assert main(["report", f"runs=[{run}]", f"out={out}"]) == 0
+    lines = (out / "report.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| task |"))
+    assert "fine-tuned: paper-bc" in header and "paper: SODP" in header and "paper: pre-trained only" in header
+    assert "unseen task" not in header  # no task of this report has that number
+    door = next(line for line in lines if line.startswith("| adroit-door |"))
+    assert door.split("|")[2:-1][-3:] == [" 96.0 ", " 55.0 ", " 63.0 "]

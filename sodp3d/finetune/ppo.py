@@ -13,7 +13,8 @@ the sum of the environment rewards of its Ta executed steps (discount 1). One up
      denoising steps of each), with the clipped objective
         L_Imp = mean over (chunk, k) of -min(rho_k A, clip(rho_k, 1-e, 1+e) A),
         rho_k = p_theta(x_{k-1} | x_k, s) / p_old(x_{k-1} | x_k, s),
-     plus lambda times the regulariser (sodp3d.finetune.regularisers);
+     plus lambda times the regulariser (sodp3d.finetune.regularisers); ``ppo_weight``
+     scales L_Imp (1: the paper; 0: the regulariser alone, a control);
   4. diagnostics: approx KL, clip fraction, ratio range, every loss term, gradient norm, lr.
 
 fp32 throughout; gradient clipping; a non-finite rollout, loss or gradient raises
@@ -81,6 +82,7 @@ class FineTuner:
         self.sampler = policy.ddim(float(a.eta), float(a.min_std))
         self.clip = float(a.clip)
         self.reg_weight = float(a.reg_weight)
+        self.ppo_weight = float(a.get("ppo_weight", 1.0))
         self.p_step = int(a.p_step)
         self.batch_size = int(a.batch_size)
         self.bc_batch_size = int(a.get("bc_batch_size") or a.batch_size)
@@ -125,7 +127,7 @@ class FineTuner:
             new_logp = chunk_log_probs(policy, self.sampler, obs, chains)
             loss_imp, stats = ppo_loss(new_logp, rollout.old_logp[idx].to(self.device), weights[idx.to(self.device)], self.clip)
             reg = self.regulariser.loss(obs, chains, rollout)
-            loss = loss_imp if reg is None else loss_imp + self.reg_weight * reg
+            loss = self.ppo_weight * loss_imp if reg is None else self.ppo_weight * loss_imp + self.reg_weight * reg
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss at update {self.updates} (L_Imp={float(loss_imp.detach())}, "

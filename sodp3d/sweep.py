@@ -1,0 +1,394 @@
+"""``sodp3d sweep experiment=<name>``: a grid of runs (tasks x seeds x variants) on Ray.
+
+Every run is a command a user can run by hand, called as its ``run(cfg)`` inside a Ray
+task that asks for what the run uses (CPUs for its environments, a GPU or a share of
+one when its device is CUDA):
+
+    collect   one run per task of the data mixtures     -> <out>/data/<task>.zarr
+    pretrain  one run per mixture and seed              -> <out>/pretrain/<mixture>-s<seed>/
+    finetune  one run per variant, task and seed        -> <out>/finetune/<variant>/<task>-s<seed>/
+    eval      per fine-tuning run, when eval.episodes   -> <out>/eval/<variant>/<task>-s<seed>/
+    report    over the finished fine-tuning runs        -> <out>/report/
+
+A run starts as soon as the runs it reads have finished (Ray passes their results). A
+run whose results exist is not scheduled again; a killed run resumes from its
+checkpoint (every command resumes); a run that raises is retried ``max_retries`` times,
+then recorded as failed while the others go on. ``<out>/sweep.json`` holds every run's
+state (pending, running, done, failed with its error, seconds), rewritten atomically as
+they change. Ray runs locally (sized to the machine) unless ``ray.address`` names a
+cluster. The sweep only schedules: no training logic lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sodp3d.config import stage_config
+from sodp3d.errors import UserError
+from sodp3d.files import write_text_atomic
+
+MODULES = {"collect": "sodp3d.envs.collect", "pretrain": "sodp3d.pretrain", "finetune": "sodp3d.finetune",
+           "eval": "sodp3d.evaluate"}
+STAGES = tuple(MODULES)
+
+
+@dataclass
+class Run:
+    id: str                      # e.g. "finetune/bc/reach-v3-s0"
+    command: str                 # collect | pretrain | finetune | eval
+    dir: Path
+    cfg: dict[str, Any]          # the command's whole config
+    needs: list[str] = field(default_factory=list)
+    cpus: float = 1.0
+    gpus: float = 0.0
+    state: str = "pending"       # pending | running | done | failed
+    error: str | None = None
+    seconds: float | None = None
+    attempts: int = 0
+
+    def row(self) -> dict[str, Any]:
+        return {"id": self.id, "command": self.command, "dir": str(self.dir), "state": self.state,
+                "error": self.error, "seconds": self.seconds, "attempts": self.attempts, "needs": self.needs,
+                "cpus": self.cpus, "gpus": self.gpus}
+
+
+# ---------------------------------------------------------------------------------------
+# The grid
+def _tasks(value: Any) -> list[str]:
+    from sodp3d.envs import resolve_tasks
+
+    return resolve_tasks(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
+def _positive(name: str, value: Any, zero: bool = False) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero else 1):
+        raise UserError(f"{name} must be a{' non-negative' if zero else ' positive'} integer, got {value!r}")
+    return int(value)
+
+
+def _variant_overrides(name: str, settings: Any, finetune_cfg: DictConfig) -> dict[str, Any]:
+    """A variant's fine-tuning overrides (dotted keys), checked against the command's config."""
+    from sodp3d.finetune.regularisers import REGULARISERS
+
+    if not isinstance(settings, dict):
+        raise UserError(f"variant '{name}' must map keys to values (e.g. {{reg: bc}}), got {settings!r}")
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:  # {algo: {lr: 1}} -> {algo.lr: 1}
+        items: dict[str, Any] = {}
+        for k, v in d.items():
+            items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return items
+
+    out = {}
+    for key, value in flat(settings).items():
+        if key == "mixture":
+            continue
+        if OmegaConf.select(finetune_cfg, str(key), default="__missing__") == "__missing__":
+            raise UserError(f"variant '{name}' sets '{key}', which sodp3d finetune does not have "
+                            "(see sodp3d finetune --help; a pre-training mixture is chosen with mixture=)")
+        out[str(key)] = value
+    reg = out.get("reg", out.get("algo.reg"))
+    if reg is not None:  # `reg` is the command's name for algo.reg, which arrives resolved
+        out["reg"] = out["algo.reg"] = reg
+    if reg is not None and reg not in REGULARISERS:
+        raise UserError(f"variant '{name}': unknown regulariser reg={reg}; valid: {', '.join(REGULARISERS)}")
+    if out.get("init", "pretrained") not in ("pretrained", "scratch"):
+        raise UserError(f"variant '{name}': unknown init '{out['init']}'; valid: pretrained, scratch")
+    return out
+
+
+def plan(cfg: DictConfig) -> list[Run]:
+    """Every run of the experiment, in an order where a run comes after the runs it needs."""
+    from sodp3d.runs import resolve_device
+
+    out = Path(str(cfg.root)) / str(cfg.name)
+    seeds = OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds or [])
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"seeds must list integers, e.g. seeds=[0,1,2], got {seeds!r}")
+    tasks = _tasks(cfg.task)
+    ft_tasks = _tasks(cfg.finetune_task) if cfg.get("finetune_task") is not None else tasks
+    mixtures = {str(k): _tasks(v) for k, v in (OmegaConf.to_container(cfg.mixtures) or {}).items()} \
+        if cfg.get("mixtures") else {"all": tasks}
+    variants = OmegaConf.to_container(cfg.variants, resolve=True) if cfg.get("variants") else {str(cfg.reg): {}}
+    if not variants:
+        raise UserError("variants must name at least one setting, e.g. variants={bc:{reg:bc}}")
+    device = resolve_device(str(cfg.device))
+    gpus = float(cfg.ray.gpus_per_run) if device.type == "cuda" else 0.0
+    wandb = OmegaConf.to_container(cfg.wandb, resolve=True)
+    per_task = OmegaConf.to_container(cfg.collect_per_task, resolve=True) if cfg.get("collect_per_task") else {}
+
+    runs: list[Run] = []
+    data: dict[str, Run] = {}
+    for task in dict.fromkeys(t for m in mixtures.values() for t in m):
+        extra = {"task": [task], "out": str(out / "data" / f"{task}.zarr"), "seed": int(cfg.seed),
+                 **(per_task.get(task) or {})}
+        c = stage_config("collect", cfg, "collect", extra)
+        data[task] = Run(f"collect/{task}", "collect", out / "data" / f"{task}.zarr", _plain(c),
+                         cpus=float(max(1, int(c.workers))))
+    runs += data.values()
+
+    pretrained: dict[tuple[str, int], Run] = {}
+    for mixture, m_tasks in mixtures.items():
+        for seed in seeds:
+            d = out / "pretrain" / f"{mixture}-s{seed}"
+            c = stage_config("pretrain", cfg, "pretrain", {
+                "data": ",".join(str(data[t].dir) for t in m_tasks), "out": str(d), "resume": True, "seed": seed,
+                "device": str(cfg.device), "wandb": wandb}, groups=("encoder", "policy"))
+            pretrained[(mixture, seed)] = Run(f"pretrain/{mixture}-s{seed}", "pretrain", d, _plain(c),
+                                              needs=[data[t].id for t in m_tasks], gpus=gpus)
+    runs += pretrained.values()
+
+    ft_base = stage_config("finetune", cfg, "finetune", {}, groups=("algo",))
+    ft_cpus = _cpus(cfg, int(ft_base.num_envs))
+    first = next(iter(mixtures))
+    for variant, settings in variants.items():
+        overrides = _variant_overrides(str(variant), settings or {}, ft_base)
+        mixture = str((settings or {}).get("mixture", first))
+        if mixture not in mixtures:
+            raise UserError(f"variant '{variant}' pre-trains on mixture '{mixture}'; valid: {', '.join(mixtures)}")
+        for task in ft_tasks:
+            for seed in seeds:
+                d = out / "finetune" / str(variant) / f"{task}-s{seed}"
+                pre = pretrained[(mixture, seed)]
+                c = stage_config("finetune", cfg, "finetune", {
+                    "ckpt": str(pre.dir), "task": task, "out": str(d), "resume": True, "seed": seed,
+                    "device": str(cfg.device), "wandb": wandb, "variant": str(variant)}, groups=("algo",))
+                for key, value in overrides.items():
+                    OmegaConf.update(c, key, value, merge=False)
+                ft = Run(f"finetune/{variant}/{task}-s{seed}", "finetune", d, _plain(c), needs=[pre.id],
+                         cpus=ft_cpus, gpus=gpus)
+                runs.append(ft)
+                if int(cfg.eval.episodes) > 0:
+                    e = out / "eval" / str(variant) / f"{task}-s{seed}"
+                    ce = stage_config("eval", cfg, "eval", {
+                        "ckpt": str(d), "task": task, "out": str(e), "device": str(cfg.device)})
+                    runs.append(Run(f"eval/{variant}/{task}-s{seed}", "eval", e, _plain(ce), needs=[ft.id],
+                                    cpus=_cpus(cfg, int(ce.num_envs)), gpus=gpus))
+    return runs
+
+
+def _plain(c: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(c, resolve=True)
+
+
+def _cpus(cfg: DictConfig, envs: int) -> float:
+    """CPUs a run asks for: its environment processes, or ``ray.cpus_per_run``."""
+    if cfg.ray.get("cpus_per_run") is not None:
+        return float(cfg.ray.cpus_per_run)
+    return float(max(1, envs))
+
+
+def is_done(run: Run) -> bool:
+    """Whether a run's results exist (so a re-run of the sweep skips it)."""
+    if run.command == "collect":
+        from sodp3d.data.store import EpisodeDataset, inspect_path
+
+        if not run.dir.exists() or inspect_path(run.dir) != "sodp3d":
+            return False
+        task = run.cfg["task"][0]
+        return sum(1 for t in EpisodeDataset(run.dir).episode_tasks if t == task) >= int(run.cfg["episodes"])
+    results = run.dir / "results.json"
+    if not results.is_file():
+        return False
+    if run.command == "pretrain":
+        try:
+            return int(json.loads(results.read_text()).get("steps", -1)) >= int(run.cfg["steps"])
+        except (json.JSONDecodeError, OSError, TypeError, ValueError):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# The engine: Ray
+def _execute(command: str, cfg: dict[str, Any], run_id: str, tracker, *needs: Any) -> dict[str, Any]:
+    """One run, inside a Ray worker: the command's own function on its config."""
+    from importlib import import_module
+
+    tracker.started.remote(run_id, time.time())
+    t0 = time.perf_counter()
+    c = OmegaConf.create(cfg)
+    OmegaConf.set_struct(c, True)
+    import_module(MODULES[command]).run(c)
+    return {"seconds": time.perf_counter() - t0}
+
+
+class _Tracker:
+    """Collects when runs start, every attempt (a Ray actor: workers tell it, the driver reads it)."""
+
+    def __init__(self):
+        self.starts: dict[str, list[float]] = {}
+
+    def started(self, run_id: str, when: float) -> None:
+        self.starts.setdefault(run_id, []).append(when)
+
+    def snapshot(self) -> dict[str, int]:
+        return {run_id: len(times) for run_id, times in self.starts.items()}
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A host:port or ray://host:port address must answer a TCP connect within seconds
+    (Ray itself waits for minutes before it gives up)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"ray.address={address} is not auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"nothing answers at ray.address={address} ({e.strerror or type(e).__name__}); start the "
+                        "cluster's head there (ray start --head), or leave ray.address unset for a local Ray") from None
+
+
+def _init_ray(cfg: DictConfig):
+    import ray
+
+    address = cfg.ray.get("address")
+    if address and str(address) != "auto":
+        _check_reachable(str(address))
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": bool(cfg.ray.log_to_driver),
+                              "configure_logging": True, "logging_level": "ERROR"}
+    if address:
+        kwargs["address"] = str(address)
+    else:
+        if cfg.ray.get("num_cpus") is not None:
+            kwargs["num_cpus"] = int(cfg.ray.num_cpus)
+        if cfg.ray.get("num_gpus") is not None:
+            kwargs["num_gpus"] = float(cfg.ray.num_gpus)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        first = " ".join(str(e).strip().split("\n")[0].split())[:300]
+        raise UserError(f"could not start or reach Ray at ray.address={address or 'local'}: {first}") from None
+    return ray
+
+
+def _error_line(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e
+    text = " ".join(str(cause).strip().split("\n")[0].split()) if str(cause).strip() else ""
+    return text if isinstance(cause, UserError) else f"{type(cause).__name__}: {text}"[:500]
+
+
+def _write_state(path: Path, cfg: DictConfig, runs: list[Run], t0: float) -> None:
+    counts = {s: sum(r.state == s for r in runs) for s in ("done", "running", "failed", "pending")}
+    write_text_atomic(path, json.dumps({"experiment": str(cfg.name), "seconds": time.time() - t0, "counts": counts,
+                                        "runs": [r.row() for r in runs]}, indent=2))
+
+
+def execute(cfg: DictConfig, runs: list[Run], out: Path) -> dict[str, int]:
+    """Schedules the runs that are not done on Ray; returns how many were skipped and run."""
+    from tqdm import tqdm
+
+    by_id = {r.id: r for r in runs}
+    for r in runs:
+        if is_done(r):
+            r.state = "done"
+    todo = [r for r in runs if r.state != "done"]
+    skipped = len(runs) - len(todo)
+    ray = _init_ray(cfg) if todo else None  # reached before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "sweep.json"
+    t0 = time.time()
+    _write_state(state_file, cfg, runs, t0)
+    if ray is None:
+        return {"skipped": skipped, "ran": 0}
+    try:
+        tracker = ray.remote(num_cpus=0)(_Tracker).remote()
+        task = ray.remote(_execute)
+        refs: dict[str, Any] = {}
+        for r in todo:  # in plan order: a run's needs were submitted before it
+            needs = [refs[n] for n in r.needs if n in refs]
+            refs[r.id] = task.options(num_cpus=r.cpus, num_gpus=r.gpus, max_retries=int(cfg.max_retries),
+                                      retry_exceptions=True, name=r.id).remote(r.command, r.cfg, r.id, tracker, *needs)
+        pending = {ref: rid for rid, ref in refs.items()}
+        bar = tqdm(total=len(runs), initial=skipped, desc=f"sweep {cfg.name}", unit="run", dynamic_ncols=True)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                changed = False
+                for ref in ready:
+                    r = by_id[pending.pop(ref)]
+                    try:
+                        r.seconds = float(ray.get(ref)["seconds"])
+                        r.state = "done"
+                        r.attempts = max(r.attempts, 1)
+                    except Exception as e:  # noqa: BLE001 - a run's failure is recorded, the others go on
+                        failed_need = next((n for n in r.needs if by_id[n].state == "failed"), None)
+                        r.state = "failed"
+                        r.error = f"not run: needs {failed_need}, which failed" if failed_need else _error_line(e)
+                    bar.update(1)
+                    changed = True
+                for rid, attempts in ray.get(tracker.snapshot.remote()).items():
+                    if by_id[rid].attempts != attempts:
+                        by_id[rid].attempts, changed = attempts, True
+                    if by_id[rid].state == "pending":
+                        by_id[rid].state, changed = "running", True
+                if changed:
+                    _write_state(state_file, cfg, runs, t0)
+                    counts = {s: sum(x.state == s for x in runs) for s in ("done", "running", "failed", "pending")}
+                    bar.set_postfix(counts)
+        finally:
+            bar.close()
+    finally:
+        ray.shutdown()
+    _write_state(state_file, cfg, runs, t0)
+    return {"skipped": skipped, "ran": len(todo)}
+
+
+# ---------------------------------------------------------------------------------------
+# The command
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Plans the experiment's grid, runs what is not done on Ray, and reports."""
+    from sodp3d import report
+
+    if cfg.get("name") is None:
+        raise UserError("no experiment; pass experiment=<name> (see sodp3d sweep --help)")
+    _positive("max_retries", cfg.max_retries, zero=True)
+    runs = plan(cfg)  # every bad name or setting is found here, before anything is written
+    out = Path(str(cfg.root)) / str(cfg.name)
+    counts = execute(cfg, runs, out)
+    finished = [str(r.dir) for r in runs if r.command in ("finetune", "eval") and r.state == "done"]
+    failed = [{"id": r.id, "error": r.error} for r in runs if r.state == "failed"]
+    files: list[str] = [str(out / "sweep.json")]
+    if finished:
+        rep = report.run(OmegaConf.create({"runs": finished, "out": str(out / "report"), "failed": failed}))
+        files += rep["files"]
+    return {"kind": "sweep", "experiment": str(cfg.name), "out": str(out), "runs": len(runs),
+            "done": sum(r.state == "done" for r in runs), "failed": failed, "skipped": counts["skipped"],
+            "ran": counts["ran"], "files": files}
+
+
+def render(record: dict[str, Any]) -> str:
+    lines = [f"\nsweep {record['experiment']}: {record['done']} of {record['runs']} runs done "
+             f"({record['skipped']} were done already), {len(record['failed'])} failed"]
+    lines += [f"  failed {f['id']}: {f['error']}" for f in record["failed"]]
+    return "\n".join(lines + ["", "wrote " + ", ".join(record["files"])])
+
+
+def help_text() -> str:
+    """The shipped experiments with their axes and number of runs (for --help)."""
+    from sodp3d.config import compose, group_options
+
+    lines = ["Experiments (experiment=<name>):"]
+    for name in group_options("experiment"):
+        try:
+            cfg = compose("sweep", [f"experiment={name}"])
+            runs = plan(cfg)
+        except UserError as e:
+            lines.append(f"  {name}: ({e})")
+            continue
+        by = {s: sum(r.command == s for r in runs) for s in STAGES}
+        variants = ", ".join(OmegaConf.to_container(cfg.variants)) if cfg.get("variants") else str(cfg.reg)
+        seeds = list(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds
+        ft = _tasks(cfg.finetune_task) if cfg.get("finetune_task") is not None else _tasks(cfg.task)
+        lines.append(f"  {name}: {len(runs)} runs ({', '.join(f'{n} {s}' for s, n in by.items() if n)}); "
+                     f"seeds {seeds}; variants {variants}; fine-tuned tasks {', '.join(ft)}")
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""``sodp3d sweep``: the smoke grid (2 seeds x 2 variants of tiny runs) through a local Ray
+instance; a killed sweep run again does not redo finished runs and resumes the killed
+one; a run that raises is retried, then reported failed while the others finish; bad
+input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sodp3d.cli import main
+
+SMOKE = ["experiment=smoke", "device=cpu", "ray.num_cpus=2"]
+STAGES = {"collect": 2, "pretrain": 2, "finetune": 4}
+
+
+def sweep_state(root: Path) -> dict:
+    return json.loads((root / "demo-smoke" / "sweep.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    assert main(["sweep", *SMOKE, f"root={root}"]) == 0
+    return root
+
+
+def test_the_smoke_grid_runs_every_run_and_reports(smoke):
+    state = sweep_state(smoke)
+    runs = state["runs"]
+    assert {c: sum(r["command"] == c for r in runs) for c in STAGES} == STAGES
+    assert all(r["state"] == "done" and r["attempts"] == 1 and r["seconds"] > 0 for r in runs), runs
+    out = smoke / "demo-smoke"
+    for seed in (0, 1):
+        for variant in ("bc", "none"):
+            rec = json.loads((out / "finetune" / variant / f"reach-v3-s{seed}" / "results.json").read_text())
+            assert (rec["variant"], rec["seed"], rec["reg"]) == (variant, seed, variant)
+            assert rec["ckpt"] == str(out / "pretrain" / f"all-s{seed}")
+    # One store per task; each pre-training reads both.
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["button-press-topdown-v3.zarr", "reach-v3.zarr"]
+    report = (out / "report" / "report.md").read_text()
+    assert "fine-tuned: bc" in report and "fine-tuned: none" in report and "(n=2)" in report
+
+
+def test_a_finished_sweep_run_again_redoes_nothing(smoke, capsys):
+    metrics = sorted((smoke / "demo-smoke").rglob("metrics.jsonl"))
+    before = {m: m.read_text() for m in metrics}
+    assert main(["sweep", *SMOKE, f"root={smoke}"]) == 0
+    assert "8 of 8 runs done (8 were done already)" in capsys.readouterr().out
+    assert {m: m.read_text() for m in metrics} == before
+
+
+def _killed_run(root: Path) -> Path | None:
+    """A fine-tuning run with a checkpoint and no results yet."""
+    for d in (root / "demo-smoke" / "finetune").glob("*/*"):
+        if (d / "checkpoints" / "latest.ckpt").exists() and not (d / "results.json").exists():
+            return d
+    return None
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
+    args = [*SMOKE, f"root={tmp_path}", "finetune.env_steps=480"]  # ten updates: time to be killed mid-run
+    proc = subprocess.Popen([sys.executable, "-m", "sodp3d.cli", "sweep", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    killed = None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            killed = _killed_run(tmp_path)
+            if killed is not None:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray instance
+        proc.wait()
+    assert killed is not None, "no fine-tuning run was caught mid-way"
+    time.sleep(1.0)
+    from sodp3d import sweep
+    from sodp3d.config import compose
+
+    runs = sweep.plan(compose("sweep", args))
+    finished = [r for r in runs if sweep.is_done(r)]
+    assert 4 <= len(finished) < len(runs)  # the data and the pre-training at least
+    finished_metrics = {r.dir / "metrics.jsonl": (r.dir / "metrics.jsonl").read_text()
+                        for r in finished if r.command != "collect"}
+    partial = (killed / "metrics.jsonl").read_text()
+
+    assert main(["sweep", *args]) == 0
+    state = sweep_state(tmp_path)
+    assert all(r["state"] == "done" for r in state["runs"])
+    assert {p: p.read_text() for p in finished_metrics} == finished_metrics  # not redone
+    resumed = (killed / "metrics.jsonl").read_text()
+    assert resumed.startswith(partial) and len(resumed) > len(partial)  # continued, not restarted
+    assert json.loads((killed / "results.json").read_text())["tasks"][0]["env_steps"] >= 480
+
+
+def test_a_failing_run_is_retried_then_reported_while_the_others_finish(tmp_path, capsys):
+    args = ["experiment=smoke", "device=cpu", "ray.num_cpus=2", f"root={tmp_path}", "seeds=[0]", "max_retries=1",
+            "~variants.none", "+variants.broken={algo:{lr:-1.0}}"]
+    assert main(["sweep", *args]) == 0
+    out = capsys.readouterr().out
+    state = {r["id"]: r for r in sweep_state(tmp_path)["runs"]}
+    broken = state["finetune/broken/reach-v3-s0"]
+    assert broken["state"] == "failed" and broken["attempts"] == 2
+    assert "Invalid learning rate" in broken["error"]
+    assert state["finetune/bc/reach-v3-s0"]["state"] == "done"
+    assert "failed finetune/broken/reach-v3-s0" in out
+    report = (tmp_path / "demo-smoke" / "report" / "report.md").read_text()
+    assert "Failed runs (1)" in report and "finetune/broken/reach-v3-s0" in report
+
+
+@pytest.mark.parametrize("args,words", [
+    (["experiment=nope"], "unknown experiment 'nope'; valid:"),
+    (["experiment=smoke", "task=[reach-v3,flying-v3]"], "flying-v3"),
+    (["experiment=smoke", "variants.bc.reg=nope"], "unknown regulariser reg=nope; valid: bc, none, kl, pl"),
+    (["experiment=smoke", "+variants.bc.nope=1"], "variant 'bc' sets 'nope', which sodp3d finetune does not have"),
+    (["experiment=smoke", "ray.address=127.0.0.1:1"], "nothing answers at ray.address=127.0.0.1:1"),
+    (["experiment=smoke", "max_retries=-1"], "max_retries must be a non-negative integer"),
+    ([], "no experiment; pass experiment=<name>"),
+], ids=["experiment", "task", "regulariser", "key", "address", "retries", "none"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, words):
+    rc = main(["sweep", f"root={tmp_path}", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("sodp3d sweep: error: ") and words in err, err
+    assert not any(tmp_path.iterdir())
