@@ -105,8 +105,6 @@ def _variant_overrides(name: str, settings: Any, finetune_cfg: DictConfig) -> di
 
 def plan(cfg: DictConfig) -> list[Run]:
     """Every run of the experiment, in an order where a run comes after the runs it needs."""
-    from sodp3d.runs import resolve_device
-
     out = Path(str(cfg.root)) / str(cfg.name)
     seeds = OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds
     seeds = [seeds] if isinstance(seeds, int) else list(seeds or [])
@@ -119,8 +117,7 @@ def plan(cfg: DictConfig) -> list[Run]:
     variants = OmegaConf.to_container(cfg.variants, resolve=True) if cfg.get("variants") else {str(cfg.reg): {}}
     if not variants:
         raise UserError("variants must name at least one setting, e.g. variants={bc:{reg:bc}}")
-    device = resolve_device(str(cfg.device))
-    gpus = float(cfg.ray.gpus_per_run) if device.type == "cuda" else 0.0
+    device, gpus = _device(cfg)
     wandb = OmegaConf.to_container(cfg.wandb, resolve=True)
     per_task = OmegaConf.to_container(cfg.collect_per_task, resolve=True) if cfg.get("collect_per_task") else {}
 
@@ -140,7 +137,7 @@ def plan(cfg: DictConfig) -> list[Run]:
             d = out / "pretrain" / f"{mixture}-s{seed}"
             c = stage_config("pretrain", cfg, "pretrain", {
                 "data": ",".join(str(data[t].dir) for t in m_tasks), "out": str(d), "resume": True, "seed": seed,
-                "device": str(cfg.device), "wandb": wandb}, groups=("encoder", "policy"))
+                "device": device, "wandb": wandb}, groups=("encoder", "policy"))
             pretrained[(mixture, seed)] = Run(f"pretrain/{mixture}-s{seed}", "pretrain", d, _plain(c),
                                               needs=[data[t].id for t in m_tasks], gpus=gpus)
     runs += pretrained.values()
@@ -159,7 +156,7 @@ def plan(cfg: DictConfig) -> list[Run]:
                 pre = pretrained[(mixture, seed)]
                 c = stage_config("finetune", cfg, "finetune", {
                     "ckpt": str(pre.dir), "task": task, "out": str(d), "resume": True, "seed": seed,
-                    "device": str(cfg.device), "wandb": wandb, "variant": str(variant)}, groups=("algo",))
+                    "device": device, "wandb": wandb, "variant": str(variant)}, groups=("algo",))
                 for key, value in overrides.items():
                     OmegaConf.update(c, key, value, merge=False)
                 ft = Run(f"finetune/{variant}/{task}-s{seed}", "finetune", d, _plain(c), needs=[pre.id],
@@ -168,10 +165,29 @@ def plan(cfg: DictConfig) -> list[Run]:
                 if int(cfg.eval.episodes) > 0:
                     e = out / "eval" / str(variant) / f"{task}-s{seed}"
                     ce = stage_config("eval", cfg, "eval", {
-                        "ckpt": str(d), "task": task, "out": str(e), "device": str(cfg.device)})
+                        "ckpt": str(d), "task": task, "out": str(e), "device": device})
                     runs.append(Run(f"eval/{variant}/{task}-s{seed}", "eval", e, _plain(ce), needs=[ft.id],
                                     cpus=_cpus(cfg, int(ce.num_envs)), gpus=gpus))
     return runs
+
+
+def _device(cfg: DictConfig) -> tuple[str, float]:
+    """(the runs' device, GPUs each training run asks Ray for). A CUDA run gets its GPU from
+    Ray, which shows it as the only one, so it acts on ``cuda``; the driver (a cluster's
+    head, say) needs no GPU of its own unless the device is ``auto``."""
+    name = str(cfg.device)
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"unknown device '{name}'; use auto, cpu or cuda (Ray gives each run its own GPU)")
+    if name == "auto":
+        import torch
+
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu", 0.0
+    gpus = float(cfg.ray.gpus_per_run)
+    if not 0 < gpus:
+        raise UserError(f"ray.gpus_per_run must be positive with device={cfg.device}, got {gpus}")
+    return "cuda", gpus
 
 
 def _plain(c: DictConfig) -> dict[str, Any]:

@@ -123,8 +123,10 @@ def test_a_failing_run_is_retried_then_reported_while_the_others_finish(tmp_path
     (["experiment=smoke", "+variants.bc.nope=1"], "variant 'bc' sets 'nope', which sodp3d finetune does not have"),
     (["experiment=smoke", "ray.address=127.0.0.1:1"], "nothing answers at ray.address=127.0.0.1:1"),
     (["experiment=smoke", "max_retries=-1"], "max_retries must be a non-negative integer"),
+    (["experiment=smoke", "device=tpu"], "unknown device 'tpu'; use auto, cpu or cuda"),
+    (["experiment=smoke", "+variants.bc.mixture=other"], "variant 'bc' pre-trains on mixture 'other'; valid: all"),
     ([], "no experiment; pass experiment=<name>"),
-], ids=["experiment", "task", "regulariser", "key", "address", "retries", "none"])
+], ids=["experiment", "task", "regulariser", "key", "address", "retries", "device", "mixture", "none"])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, words):
     rc = main(["sweep", f"root={tmp_path}", *args])
     err = capsys.readouterr().err
