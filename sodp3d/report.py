@@ -11,6 +11,7 @@ the success rate; the average row averages the tasks within each seed first.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,10 @@ def find_results(paths: list[str]) -> list[Path]:
 
 
 def _pretrained_label(rec: dict[str, Any]) -> str:
-    return f"pre-trained ({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
+    nets = f"({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
+    if rec.get("variant") and rec.get("ckpt"):  # a sweep's run: pretrain/<mixture>-s<seed> names the data
+        return f"pre-trained on {re.sub(r'-s[0-9]+$', '', Path(str(rec['ckpt'])).name)} {nets}"
+    return f"pre-trained {nets}"
 
 
 def _finetuned_label(rec: dict[str, Any]) -> str:

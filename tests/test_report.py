@@ -121,6 +121,7 @@ def test_named_variants_and_the_papers_numbers_beside_ours(tmp_path):
     lines = (out / "report.md").read_text().splitlines()
     header = next(line for line in lines if line.startswith("| task |"))
     assert "fine-tuned: paper-bc" in header and "paper: SODP" in header and "paper: pre-trained only" in header
+    assert "pre-trained on pre (dp3, simple)" in header  # a sweep's run names what it was pre-trained on
     assert "unseen task" not in header  # no task of this report has that number
     door = next(line for line in lines if line.startswith("| adroit-door |"))
     assert door.split("|")[2:-1][-3:] == [" 96.0 ", " 55.0 ", " 63.0 "]
