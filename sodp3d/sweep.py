@@ -287,6 +287,19 @@ def _init_ray(cfg: DictConfig):
     return ray
 
 
+def _fit_requests(ray, runs: list[Run]) -> None:
+    """A run asking for more CPUs than the whole cluster has would never start: it gets them
+    all (its environments then share them). GPUs cannot be shared out like that."""
+    have = ray.cluster_resources()
+    cpus, gpus = float(have.get("CPU", 1.0)), float(have.get("GPU", 0.0))
+    for r in runs:
+        r.cpus = min(r.cpus, cpus)
+        if r.gpus > gpus:
+            ray.shutdown()
+            raise UserError(f"{r.id} asks for {r.gpus:g} GPU(s) and Ray sees {gpus:g}; use device=cpu, "
+                            "a smaller ray.gpus_per_run, or a cluster with GPUs (ray.address=...)")
+
+
 def _error_line(e: BaseException) -> str:
     cause = getattr(e, "cause", None) or e
     text = " ".join(str(cause).strip().split("\n")[0].split()) if str(cause).strip() else ""
@@ -310,6 +323,8 @@ def execute(cfg: DictConfig, runs: list[Run], out: Path) -> dict[str, int]:
     todo = [r for r in runs if r.state != "done"]
     skipped = len(runs) - len(todo)
     ray = _init_ray(cfg) if todo else None  # reached before anything is written
+    if ray is not None:
+        _fit_requests(ray, todo)
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "sweep.json"
     t0 = time.time()

@@ -133,3 +133,24 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, words)
     assert rc == 2 and "Traceback" not in err
     assert err.count("\n") == 1 and err.startswith("sodp3d sweep: error: ") and words in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_requests_beyond_the_cluster_are_capped_or_refused():
+    """Eight environments on a 2-CPU instance get the 2 CPUs (asking for 8 would never be
+    scheduled); a GPU that the cluster does not have is one line."""
+    from sodp3d import sweep
+    from sodp3d.errors import UserError
+
+    class TwoCPUs:
+        def cluster_resources(self):
+            return {"CPU": 2.0}
+
+        def shutdown(self):
+            pass
+
+    big = sweep.Run("finetune/bc/t-s0", "finetune", Path("x"), {}, cpus=8.0)
+    small = sweep.Run("collect/t", "collect", Path("y"), {}, cpus=1.0)
+    sweep._fit_requests(TwoCPUs(), [big, small])
+    assert (big.cpus, small.cpus) == (2.0, 1.0)
+    with pytest.raises(UserError, match="asks for 1 GPU"):
+        sweep._fit_requests(TwoCPUs(), [sweep.Run("pretrain/all-s0", "pretrain", Path("z"), {}, gpus=1.0)])
