@@ -125,3 +125,13 @@ def test_named_variants_and_the_papers_numbers_beside_ours(tmp_path):
     assert "unseen task" not in header  # no task of this report has that number
     door = next(line for line in lines if line.startswith("| adroit-door |"))
     assert door.split("|")[2:-1][-3:] == [" 96.0 ", " 55.0 ", " 63.0 "]
+
+
+def test_the_papers_averages_stand_only_beside_its_whole_task_sets():
+    from sodp3d.envs import task_sets
+    from sodp3d.report import _paper_columns
+
+    assert _paper_columns(task_sets()["mt10"]) == {"paper: SODP": {"average": 47.5}}
+    assert _paper_columns(task_sets()["mt10"][:3]) == {}  # three of its tasks are not its MT10
+    adroit = _paper_columns(task_sets()["adroit"])
+    assert adroit["paper: SODP"]["average"] == 73.9 and adroit["paper: pre-trained only"]["adroit-door"] == 55.0
