@@ -69,6 +69,17 @@ def compose(name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfi
         raise UserError(f"bad override: {first}") from None
 
 
+@cache
+def _default_config(name: str) -> DictConfig:
+    """A command's config without overrides, composed once (a sweep plans hundreds of runs);
+    callers merge it into new configs (OmegaConf.merge copies) and never change it."""
+    from omegaconf import OmegaConf
+
+    base = compose(name)
+    OmegaConf.set_struct(base, False)
+    return base
+
+
 def stage_config(name: str, cfg: DictConfig, section: str, extra: dict[str, Any],
                  groups: tuple[str, ...] = ()) -> DictConfig:
     """The config of command ``name`` run as a stage of a larger job (the demo, a sweep):
@@ -77,9 +88,7 @@ def stage_config(name: str, cfg: DictConfig, section: str, extra: dict[str, Any]
     of the command's default group survives)."""
     from omegaconf import OmegaConf
 
-    base = compose(name)
-    OmegaConf.set_struct(base, False)
-    merged = OmegaConf.merge(base, OmegaConf.to_container(cfg.get(section) or {}, resolve=True), extra)
+    merged = OmegaConf.merge(_default_config(name), OmegaConf.to_container(cfg.get(section) or {}, resolve=True), extra)
     for group in ("env",) + groups:
         merged[group] = OmegaConf.to_container(cfg[group], resolve=True)
     OmegaConf.set_struct(merged, True)
