@@ -312,14 +312,26 @@ def _write_state(path: Path, cfg: DictConfig, runs: list[Run], t0: float) -> Non
                                         "runs": [r.row() for r in runs]}, indent=2))
 
 
+def _previous_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier sweep.json, by run id; nothing if it is missing or unreadable
+    (it is only a record; the run directories say what is done)."""
+    try:
+        return {row["id"]: row for row in json.loads(path.read_text())["runs"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def execute(cfg: DictConfig, runs: list[Run], out: Path) -> dict[str, int]:
     """Schedules the runs that are not done on Ray; returns how many were skipped and run."""
     from tqdm import tqdm
 
     by_id = {r.id: r for r in runs}
+    before = _previous_rows(out / "sweep.json")
     for r in runs:
         if is_done(r):
             r.state = "done"
+            r.seconds = before.get(r.id, {}).get("seconds")  # what it took when it ran, if recorded
+            r.attempts = int(before.get(r.id, {}).get("attempts") or 0)
     todo = [r for r in runs if r.state != "done"]
     skipped = len(runs) - len(todo)
     ray = _init_ray(cfg) if todo else None  # reached before anything is written

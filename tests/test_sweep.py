@@ -52,9 +52,12 @@ def test_the_smoke_grid_runs_every_run_and_reports(smoke):
 def test_a_finished_sweep_run_again_redoes_nothing(smoke, capsys):
     metrics = sorted((smoke / "demo-smoke").rglob("metrics.jsonl"))
     before = {m: m.read_text() for m in metrics}
+    seconds = {r["id"]: r["seconds"] for r in sweep_state(smoke)["runs"]}
     assert main(["sweep", *SMOKE, f"root={smoke}"]) == 0
     assert "8 of 8 runs done (8 were done already)" in capsys.readouterr().out
     assert {m: m.read_text() for m in metrics} == before
+    # The state file still says what each run took when it ran.
+    assert {r["id"]: r["seconds"] for r in sweep_state(smoke)["runs"]} == seconds
 
 
 def _killed_run(root: Path) -> Path | None:
