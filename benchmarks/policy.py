@@ -26,7 +26,7 @@ from sodp3d.data.store import EpisodeWriter  # noqa: E402
 from sodp3d.data.windows import WindowDataset  # noqa: E402
 from sodp3d.normalizer import MinMaxNormalizer  # noqa: E402
 from sodp3d.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
-from sodp3d.runs import resolve_device  # noqa: E402
+from sodp3d.runs import keep_host_memory, resolve_device  # noqa: E402
 
 META = {"point_cloud": [512, 3], "agent_pos": [9], "state": [39], "action": [4]}
 
@@ -102,15 +102,19 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "simple", "paper"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (pre-training keeps freed host memory; see keep_host_memory)")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    kept = False if args.system_malloc else keep_host_memory()  # as `sodp3d pretrain` does
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.zarr")
         synthetic_dataset(path)
         data = WindowDataset([path], ["point_cloud", "agent_pos"], 12, 2, 8)
         rows = [bench(p, device, data, args.seconds) for p in args.presets]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nPolicy speed on {name} (DP3 encoder, 512 points, Tp=12, To=2, Ta=8, S=10 DDIM steps)\n")
+    print(f"\nPolicy speed on {name} (DP3 encoder, 512 points, Tp=12, To=2, Ta=8, S=10 DDIM steps; "
+          f"freed host memory kept: {'yes' if kept else 'no'})\n")
     print("| preset | params (M) | train batch | train samples/s | loader / train step | chunk latency b=1 (ms) | chunk latency b=8 (ms) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -161,9 +161,32 @@ def agent_pos_mlp(dim: int, hidden: int = 64, out: int = 64) -> nn.Sequential:
 
 
 def point_layer(c_in: int, c_out: int, use_layernorm: bool = True) -> list[nn.Module]:
-    """One per-point layer of a point encoder: Linear, optional LayerNorm, ReLU."""
+    """One per-point layer of a point encoder: Linear, optional LayerNorm, ReLU.
+
+    The ReLU works in place: neither Linear's nor LayerNorm's backward reads its own
+    output, so overwriting it saves a (points x channels) tensor per layer."""
     layers: list[nn.Module] = [nn.Linear(c_in, c_out)]
     if use_layernorm:
         layers.append(nn.LayerNorm(c_out))
-    layers.append(nn.ReLU())
+    layers.append(nn.ReLU(inplace=True))
     return layers
+
+
+def max_pool_of_winners(mlp: nn.Module, points: Tensor) -> Tensor:
+    """max over points of a per-point ``mlp``: (B, N, C) -> (B, F), with a cheaper backward.
+
+    The gradient of a max-pool reaches only each channel's winning point, so only those
+    points need a graph: all N points go through ``mlp`` without one (to find the
+    winners, the same indices ``max`` picks), then the winners (typically a fifth to a
+    half of the cloud) go through it again with gradients, and the pooled feature is read
+    from them. Values equal ``mlp(points).max(1).values`` and gradients equal its
+    backward, to float rounding (the matrix products see fewer rows). ``mlp`` must treat
+    every point on its own (DP3's Linear / LayerNorm / ReLU stack does)."""
+    B, N = points.shape[:2]
+    with torch.no_grad():
+        winner = mlp(points).max(dim=1).indices  # (B, F): the point that wins each channel
+    active = torch.zeros(B, N, dtype=torch.bool, device=points.device)
+    active.scatter_(1, winner, True)
+    row = (active.view(-1).cumsum(0) - 1).view(B, N)  # each active point's row among the winners
+    features = mlp(points[active])  # (M, F), M = active points in the batch
+    return features.gather(0, row.gather(1, winner))  # (B, F)

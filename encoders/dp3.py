@@ -21,10 +21,10 @@ projection's LayerNorm (DP3's ``final_norm='none'``). ``use_rgb=True`` feeds xyz
 
 from __future__ import annotations
 
-
+import torch
 from torch import Tensor, nn
 
-from .base import PointCloudEncoder, ShapeMeta, boolean, point_layer, positive_int
+from .base import PointCloudEncoder, ShapeMeta, boolean, max_pool_of_winners, point_layer, positive_int
 
 BLOCK_CHANNELS = (64, 128, 256)
 
@@ -59,5 +59,8 @@ class DP3Encoder(PointCloudEncoder):
 
     def point_features(self, points: Tensor) -> Tensor:
         """points: (B, N, 3 or 6) -> (B, out_channels)."""
-        x = self.mlp(points)  # (B, N, 256)
-        return self.final_projection(x.max(dim=1).values)  # max-pool, then (B, out_channels)
+        if torch.is_grad_enabled() and self.mlp[0].weight.requires_grad:
+            pooled = max_pool_of_winners(self.mlp, points)  # training: backward through the winners only
+        else:
+            pooled = self.mlp(points).max(dim=1).values  # (B, 256)
+        return self.final_projection(pooled)  # (B, out_channels)

@@ -25,7 +25,7 @@ from sodp3d.data.windows import WindowDataset
 from sodp3d.errors import UserError
 from sodp3d.normalizer import MinMaxNormalizer
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
-from sodp3d.runs import RunLogger, refuse_existing, resolve_device, write_config, write_results
+from sodp3d.runs import RunLogger, keep_host_memory, refuse_existing, resolve_device, write_config, write_results
 
 # Per suite: horizon Tp, observed To, executed Ta (REFERENCE section 1).
 HORIZONS = {"metaworld": (12, 2, 8), "adroit": (4, 2, 3)}
@@ -199,6 +199,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ranks = distributed.ranks_from_env()
     ranks.rows(int(cfg.batch_size))  # a batch that does not split is refused before anything starts
     device = distributed.start(ranks, resolve_device(str(cfg.device)))
+    keep_host_memory()
     try:
         return _run(cfg, paths, run, steps, device, ranks)
     finally:

@@ -24,6 +24,39 @@ from sodp3d.errors import UserError
 from sodp3d.files import write_text_atomic
 
 
+_HOST_MEMORY_KEPT = False
+
+
+def keep_host_memory() -> bool:
+    """Lets this process reuse the host memory it frees instead of handing it back to the
+    system after every step (glibc only; elsewhere nothing happens, False returned).
+
+    Training allocates and frees the same few hundred MB every step (a batch of clouds
+    through the point encoder: 512 x 512 points x 256 channels is 268 MB a layer). By
+    default glibc serves blocks that large with mmap and unmaps them when freed, so every
+    step pays again for zero-filled pages: about 40% of a CPU pre-training step (see
+    docs/benchmarks.md). Here large blocks come from the heap and freed ones stay there
+    (up to 1 GB of free heap is kept), so the next step reuses them. The peak resident
+    memory is what the largest step needs, as before; it does not grow with steps."""
+    global _HOST_MEMORY_KEPT
+    if _HOST_MEMORY_KEPT:
+        return True
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return False
+    _HOST_MEMORY_KEPT = ok
+    return ok
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -188,6 +188,42 @@ def test_dp3_forward_matches_a_hand_written_dp3():
     torch.testing.assert_close(enc(obs), torch.cat([x, a], dim=-1))
 
 
+def _plain_dp3_pool(enc, points):
+    """DP3's point branch as written: every point through the MLP with a graph, then max."""
+    return enc.final_projection(enc.mlp(points).max(dim=1).values)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"use_layernorm": False}], ids=["dp3", "no-layernorm"])
+@pytest.mark.parametrize("duplicates", [False, True], ids=["distinct", "tied-points"])
+def test_dp3_training_pass_equals_the_plain_max_pool(kwargs, duplicates):
+    """Training backpropagates through each channel's winning points only; the loss and
+    every gradient equal those of the plain max-pool (also when points tie: the same
+    winner as max's)."""
+    meta = {**SHAPE_META, "point_cloud": (512, 3)}
+    obs = make_obs(meta, batch=6)
+    if duplicates:  # half of each cloud repeats a few points: channels tie between copies
+        obs["point_cloud"][:, 256:] = obs["point_cloud"][:, :8].repeat(1, 32, 1)
+    enc = build("dp3", meta, **kwargs).train()
+    target = torch.randn(6, enc.out_dim, generator=torch.Generator().manual_seed(1))
+
+    def loss_and_grads(forward):
+        enc.zero_grad(set_to_none=True)
+        loss = ((forward() - target) ** 2).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}
+
+    fast_loss, fast = loss_and_grads(lambda: enc(obs))
+    plain_loss, plain = loss_and_grads(lambda: torch.cat(
+        [_plain_dp3_pool(enc, obs["point_cloud"]), enc.agent_pos_mlp(obs["agent_pos"])], dim=-1))
+    torch.testing.assert_close(fast_loss, plain_loss)
+    assert fast.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # and acting (no graph) takes the plain path, to the bit
+        assert torch.equal(enc(obs), torch.cat([_plain_dp3_pool(enc, obs["point_cloud"]),
+                                                enc.agent_pos_mlp(obs["agent_pos"])], dim=-1))
+
+
 # ---------------------------------------------------------------- multi-stage PointNet, state MLP
 
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.checkpoint import load_checkpoint, save_checkpoint
 from sodp3d.errors import UserError
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
-from sodp3d.runs import RunLogger, refuse_existing, resolve_device, results_table, write_results
+from sodp3d.runs import RunLogger, keep_host_memory, refuse_existing, resolve_device, results_table, write_results
 
 from .ppo import FineTuner
 from .regularisers import REGULARISERS
@@ -194,6 +194,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"unknown regulariser reg={cfg.algo.reg}; valid: {', '.join(REGULARISERS)}")
     etas = eval_etas(cfg)
     device = resolve_device(str(cfg.device))
+    keep_host_memory()
     # One read of the pre-trained checkpoint: its policy, and the observation settings it
     # was trained with (plus the user's changes) to act with.
     payload = load_checkpoint(checkpoint_path(cfg.ckpt))
