@@ -1,49 +1,56 @@
-"""Fine-tuning throughput: environment steps/s of collection (and of collection plus the
-PPO update) against bare environment-plus-render steps/s, measured in the same run.
+"""Fine-tuning throughput at the demo's settings: environment steps/s of the fine-tuning
+loop against two bare baselines measured in the same run.
 
-    python benchmarks/finetune.py [--task reach-v3] [--num-envs 8] [--episode-length 100] [--rounds 2]
+    python benchmarks/finetune.py [--task button-press-topdown-v3] [--rounds 3] [--preset tiny]
+                                  [--reg bc] [override ...]
 
-bare        one Meta-World env (no point-cloud wrapper) stepping with random actions and a
-            depth render (mujoco.Renderer at the task's camera(s) and resolution) on every
-            step: the cost of simply running the simulator with a camera.
-collect     finetune.collect: one episode in each of E asynchronous envs (To=2, Ta=8,
-            point clouds), a tiny DP3 policy sampling every chunk with DDIM (S=10, eta=1)
-            and keeping the chains and log-probs.
-+ update    the same plus FineTuner.update on that rollout (p_step=1 per episode, so E
-            gradient steps, batch 64 (chunk, denoising step) pairs, the BC regulariser).
-Ratio = fine-tuning env steps/s / bare env steps/s; target >= 0.5 (CPU, tiny policy, 8 envs).
-The bare baseline runs before every round, so both see the same machine load.
+Settings are the demo's (`sodp3d demo`'s config, overrides as there, e.g.
+env.metaworld.num_points=512 or algo=sodp): 84x84 depth, 128 points, 150-step episodes,
+8 environments, To=2 / Ta=8 / Tp=12, DDIM S=10 with eta=1, algo=cpu (2 gradient steps per
+episode, 120 (chunk, denoising step) pairs plus 64 BC windows per gradient step).
+
+bare        one Meta-World env (no point-cloud wrapper) stepping random actions with a depth
+            render on every step: the simulator with a camera, one process.
+ceiling     the fine-tuner's own E environments (worker processes, chunks of Ta, clouds at
+            the decision points only) stepping random chunks: what the simulator gives at
+            these settings with no policy at all.
+collect     one episode in each of the E environments, the policy sampling every chunk and
+            keeping its chain and log-probs (sodp3d.finetune.rollouts).
+loop        collect + the PPO update on that rollout (FineTuner.update), as `sodp3d
+            finetune` runs them: the measure of fine-tuning speed.
+evaluate    episodes acting deterministically (eta=0), as the evaluations before and after
+            fine-tuning run them.
+Ratios: each against bare and against ceiling. Targets: loop >= 1.5x bare, >= 0.5x ceiling.
+The baselines run before every round, so all rows see the same machine load. Peak resident
+memory is printed for the main process and for the E workers together, and the main
+process's resident memory after the first and the last round (it must not grow).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
+from sodp3d.config import compose  # noqa: E402
 from sodp3d.encoders import ENCODERS  # noqa: E402
-from sodp3d.envs import default_env_config, make_env, make_vector_env, suite_of, task_settings  # noqa: E402
+from sodp3d.envs import make_env, make_vector_env, task_settings  # noqa: E402
+from sodp3d.evaluate import evaluate_task  # noqa: E402
 from sodp3d.finetune.ppo import FineTuner  # noqa: E402
 from sodp3d.finetune.rollouts import collect_rollout  # noqa: E402
 from sodp3d.normalizer import MinMaxNormalizer  # noqa: E402
 from sodp3d.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
+from sodp3d.runs import keep_host_memory  # noqa: E402
 
 Tp, To, Ta = 12, 2, 8
-TARGET = 0.5
-
-
-def env_config(task: str, episode_length: int):
-    cfg = default_env_config()
-    OmegaConf.update(cfg, f"{suite_of(task)}.episode_length", int(episode_length), merge=True)
-    return cfg
+TARGET_BARE, TARGET_CEILING = 1.5, 0.5
 
 
 class Bare:
@@ -80,8 +87,23 @@ class Bare:
         self.env.close()
 
 
-def tiny_policy(bare: Bare, preset: str) -> DiffusionPolicy:
-    """A DP3 policy with the env's shapes and a normaliser fitted on random arrays of those shapes."""
+def ceiling_episode(vec, rng: np.random.Generator, seeds: list[int]) -> tuple[int, float]:
+    """One episode in each env of ``vec`` with random chunks: (executed env steps, seconds)."""
+    space = vec.single_action_space  # (Ta, Da)
+    t0 = time.perf_counter()
+    vec.reset(seed=seeds)
+    done = np.zeros(vec.num_envs, bool)
+    steps = 0
+    while not done.all():
+        actions = rng.uniform(space.low, space.high, (vec.num_envs, *space.shape)).astype(np.float32)
+        _, _, terminated, truncated, info = vec.step(actions)
+        steps += int(np.asarray(info["executed"])[~done].sum())
+        done |= terminated | truncated
+    return steps, time.perf_counter() - t0
+
+
+def policy_for(bare: Bare, preset: str, encoder: str) -> DiffusionPolicy:
+    """A policy with the env's shapes and a normaliser fitted on random arrays of those shapes."""
     s = bare.settings
     spaces = bare.env.observation_space.spaces
     da = int(bare.env.action_space.shape[0])
@@ -94,103 +116,118 @@ def tiny_policy(bare: Bare, preset: str) -> DiffusionPolicy:
         "state": rng.uniform(-1, 1, (64,) + tuple(meta["state"])).astype(np.float32),
         "action": rng.uniform(-1, 1, (64, da)).astype(np.float32),
     }
-    # the normaliser holds the keys the encoder reads (dp3: point_cloud, agent_pos) and the action
-    keys = set(ENCODERS["dp3"].keys) | {"action"}
+    keys = set(ENCODERS[encoder].keys) | {"action"}
     norm = MinMaxNormalizer.fit({k: v for k, v in arrays.items() if k in keys})
     torch.manual_seed(0)
-    config = PolicyConfig(shape_meta=meta, horizon=Tp, n_obs_steps=To, n_action_steps=Ta, encoder="dp3", unet=preset)
+    config = PolicyConfig(shape_meta=meta, horizon=Tp, n_obs_steps=To, n_action_steps=Ta, encoder=encoder, unet=preset)
     return DiffusionPolicy(config, norm)
+
+
+def peak_mb(pid: int | str = "self") -> float:
+    """Peak resident memory (VmHWM) of a process, MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def resident_mb() -> float:
+    import resource
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="reach-v3")
-    parser.add_argument("--num-envs", type=int, default=8)
-    parser.add_argument("--episode-length", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=2, help="collect(+update) rounds, one episode per env each")
-    parser.add_argument("--bare-steps", type=int, default=300, help="bare env steps measured before each round")
+    parser.add_argument("--task", default="button-press-topdown-v3")
+    parser.add_argument("--rounds", type=int, default=3, help="collect + update rounds, one episode per env each")
     parser.add_argument("--preset", default="tiny", help="U-Net preset")
+    parser.add_argument("--encoder", default="dp3")
     parser.add_argument("--reg", default="bc")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the main process")
+    parser.add_argument("--eval-episodes", type=int, default=16)
+    parser.add_argument("overrides", nargs="*", help="demo config overrides, e.g. env.metaworld.num_points=512")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    E = args.num_envs
-    env_cfg = env_config(args.task, args.episode_length)
+    cfg = compose("demo", [f"reg={args.reg}", *args.overrides])
+    env_cfg, algo, E = cfg.env, cfg.algo, int(cfg.finetune.num_envs)
+    keep_host_memory()  # as `sodp3d finetune` does
 
     bare = Bare(args.task, env_cfg)
-    try:
-        rows, policy, ft, startup = run(args, bare, env_cfg, E)
-    finally:
-        bare.close()
-    report(args, bare, rows, policy, ft, startup, E)
-
-
-def run(args, bare: Bare, env_cfg, E: int):
-    """The timed rounds: (rows, policy, fine-tuner, vector-env start-up seconds)."""
-    policy = tiny_policy(bare, args.preset)
-    algo = dict(reg=args.reg, reg_weight=1.0, p_step=1, batch_size=64, bc_batch_size=64, lr=1e-5, lr_decay=0.999,
-                clip=0.01, normalize_reward=True, eta=1.0, min_std=0.1, grad_clip=1.0, n_init=0, buffer_capacity=50,
-                top_n=10)
-    ft = FineTuner(policy, algo, torch.device("cpu"), seed=0)
-    # the same update without a regulariser, on a copy, to show what the regulariser costs
-    ft_none = FineTuner(copy.deepcopy(policy), {**algo, "reg": "none"}, torch.device("cpu"), seed=0)
-
-    t0 = time.perf_counter()
     vec = make_vector_env(args.task, E, env_cfg, asynchronous=E > 1, n_obs_steps=To, n_action_steps=Ta)
-    rows = []
     try:
-        vec.reset(seed=list(range(E)))  # the workers are up (spawned, GL contexts made) before timing
-        startup = time.perf_counter() - t0
-        for r in range(args.rounds):
-            bare_s = bare.step(args.bare_steps)
-            ro = collect_rollout(ft.policy, vec, ft.sampler, [1000 * (r + 1) + j for j in range(E)], ft.torch_gen)
-            ft.buffer.add(ro.trajectories)
-            t_upd = time.perf_counter()
-            stats = ft.update(ro)
-            upd_s = time.perf_counter() - t_upd
-            t_upd = time.perf_counter()
-            ft_none.update(ro)
-            none_s = time.perf_counter() - t_upd
-            rows.append({"bare_steps": args.bare_steps, "bare_s": bare_s, "steps": ro.env_steps, "chunks": ro.size,
-                         "collect_s": ro.seconds, "update_s": upd_s, "none_s": none_s,
-                         "grad_steps": stats["gradient_steps"]})
-            print(f"round {r}: bare {args.bare_steps / bare_s:.0f} steps/s; collect {ro.env_steps} steps "
-                  f"({ro.size} chunks) in {ro.seconds:.2f} s; update {stats['gradient_steps']} gradient steps "
-                  f"in {upd_s:.2f} s (reg=none: {none_s:.2f} s)", flush=True)
+        policy = policy_for(bare, args.preset, args.encoder)
+        ft = FineTuner(policy, algo, torch.device("cpu"), seed=0)
+        rows = measure(args, bare, vec, ft, E)
+        workers = [p.pid for p in getattr(vec, "processes", [])]
+        worker_peak = sum(peak_mb(pid) for pid in workers)
     finally:
         vec.close()
-    return rows, policy, ft, startup
+        bare.close()
+    report(args, cfg, bare, rows, ft, E, worker_peak)
 
 
-def report(args, bare: Bare, rows: list[dict], policy: DiffusionPolicy, ft: FineTuner, startup: float, E: int) -> None:
-    bare_sps = sum(x["bare_steps"] for x in rows) / sum(x["bare_s"] for x in rows)
+def measure(args, bare: Bare, vec, ft: FineTuner, E: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    vec.reset(seed=list(range(E)))  # the workers are up (spawned, GL contexts made) before timing
+    rows = []
+    for r in range(args.rounds):
+        seeds = [1000 * (r + 1) + j for j in range(E)]
+        bare_steps = 300
+        bare_s = bare.step(bare_steps)
+        ceil_steps, ceil_s = ceiling_episode(vec, rng, seeds)
+        ro = collect_rollout(ft.policy, vec, ft.sampler, seeds, ft.torch_gen)
+        ft.buffer.add(ro.trajectories)
+        t = time.perf_counter()
+        stats = ft.update(ro)
+        upd_s = time.perf_counter() - t
+        row = {"bare": bare_steps / bare_s, "ceiling": ceil_steps / ceil_s, "steps": ro.env_steps,
+               "collect_s": ro.seconds, "update_s": upd_s, "grad_steps": stats["gradient_steps"],
+               "rss": resident_mb()}
+        if r == 0 and args.eval_episodes > 0:
+            gen = torch.Generator().manual_seed(0)
+            t = time.perf_counter()
+            ev = evaluate_task(ft.policy, args.task, args.eval_episodes, 0, E, generator=gen, vec=vec)
+            row["eval"] = ev["env_steps"] / (time.perf_counter() - t)
+        rows.append(row)
+        print(f"round {r}: bare {row['bare']:.0f} steps/s, ceiling {row['ceiling']:.0f} steps/s; collect "
+              f"{ro.env_steps} steps ({ro.size} chunks) in {ro.seconds:.2f} s; update {row['grad_steps']} "
+              f"gradient steps in {upd_s:.2f} s; resident {row['rss']:.0f} MB", flush=True)
+    return rows
+
+
+def report(args, cfg, bare: Bare, rows: list[dict], ft: FineTuner, E: int, worker_peak: float) -> None:
+    bare_sps = float(np.mean([x["bare"] for x in rows]))
+    ceil_sps = float(np.mean([x["ceiling"] for x in rows]))
     steps = sum(x["steps"] for x in rows)
     coll_sps = steps / sum(x["collect_s"] for x in rows)
-    full_sps = steps / sum(x["collect_s"] + x["update_s"] for x in rows)
-    none_sps = steps / sum(x["collect_s"] + x["none_s"] for x in rows)
+    loop_sps = steps / sum(x["collect_s"] + x["update_s"] for x in rows)
     s = bare.settings
-    n_params = sum(p.numel() for p in policy.parameters())
-    print(f"\nFine-tuning throughput, {args.task}: {E} async envs, episode length {args.episode_length}, "
-          f"To={To} Ta={Ta} Tp={Tp}, DDIM S={ft.sampler.num_steps} eta=1, '{args.preset}' U-Net + DP3 encoder "
-          f"({n_params / 1e6:.2f}M params), reg={args.reg}; camera {', '.join(s.cameras)} {s.height}x{s.width}, "
-          f"{s.num_points} points; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-          f"{args.rounds} rounds, {steps} env steps; vector env start-up {startup:.1f} s (not timed).\n")
-    print("| measure | env steps/s | ratio vs bare |")
-    print("|---|---:|---:|")
-    print(f"| bare: 1 env, step + depth render every step | {bare_sps:.0f} | 1.00 |")
-    print(f"| (a) fine-tuning collection ({E} envs) | {coll_sps:.0f} | **{coll_sps / bare_sps:.2f}** |")
-    print(f"| (b) collection + update (p_step=1, batch 64, {rows[-1]['grad_steps']} gradient steps) "
-          f"| {full_sps:.0f} | **{full_sps / bare_sps:.2f}** |")
-    if args.reg != "none":
-        print(f"| (b) without the regulariser (reg=none), for comparison | {none_sps:.0f} "
-              f"| {none_sps / bare_sps:.2f} |")
+    n_params = sum(p.numel() for p in ft.policy.parameters())
+    print(f"\nFine-tuning throughput, {args.task}: {E} envs, episode length {s.episode_length}, To={To} Ta={Ta} "
+          f"Tp={Tp}, DDIM S={ft.sampler.num_steps} eta=1, '{args.preset}' U-Net + {args.encoder} encoder "
+          f"({n_params / 1e6:.2f}M params), reg={args.reg}, p_step {ft.p_step}, batch {ft.batch_size}, "
+          f"bc batch {ft.bc_batch_size}; camera {', '.join(s.cameras)} {s.height}x{s.width}, {s.num_points} points; "
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; "
+          f"{len(rows)} rounds, {steps} env steps.\n")
+    print("| measure | env steps/s | vs bare | vs ceiling |")
+    print("|---|---:|---:|---:|")
+
+    def line(name: str, sps: float) -> None:
+        print(f"| {name} | {sps:.0f} | {sps / bare_sps:.2f} | {sps / ceil_sps:.2f} |")
+
+    line("bare: 1 env, step + depth render every step", bare_sps)
+    line(f"ceiling: the {E} envs, same chunking, random actions", ceil_sps)
+    line(f"collect ({E} envs, sampling chains + log-probs)", coll_sps)
+    line(f"**loop: collect + update** ({rows[-1]['grad_steps']} gradient steps per round)", loop_sps)
+    if "eval" in rows[0]:
+        line(f"evaluate (eta 0, {args.eval_episodes} episodes)", rows[0]["eval"])
     g = max(rows[-1]["grad_steps"], 1)
-    upd = sum(x["update_s"] for x in rows) / len(rows)
-    upd_none = sum(x["none_s"] for x in rows) / len(rows)
-    print(f"\nupdate: {upd:.2f} s per round, {upd / g * 1e3:.0f} ms per gradient step with reg={args.reg} "
-          f"(bc_batch_size {ft.bc_batch_size}), {upd_none / g * 1e3:.0f} ms with reg=none")
-    worst = full_sps / bare_sps
-    print(f"ratio (b) {worst:.2f}: {'meets' if worst >= TARGET else 'misses'} the >= {TARGET} target")
+    upd = float(np.mean([x["update_s"] for x in rows]))
+    print(f"\nupdate: {upd:.2f} s per round, {upd / g * 1e3:.0f} ms per gradient step (reg={args.reg})")
+    print(f"peak resident memory: main process {peak_mb():.0f} MB, {E} env workers {worker_peak:.0f} MB together; "
+          f"main process resident after round 1: {rows[0]['rss']:.0f} MB, after round {len(rows)}: {rows[-1]['rss']:.0f} MB")
+    vb, vc = loop_sps / bare_sps, loop_sps / ceil_sps
+    print(f"loop {vb:.2f}x bare ({'meets' if vb >= TARGET_BARE else 'misses'} >= {TARGET_BARE}), "
+          f"{vc:.2f}x ceiling ({'meets' if vc >= TARGET_CEILING else 'misses'} >= {TARGET_CEILING})")
 
 
 if __name__ == "__main__":

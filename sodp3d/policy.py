@@ -9,6 +9,7 @@ Da action dim, F encoder features per step, G = To * F conditioning dim, S sampl
   sample_chain(obs, ...)     ChainSample: actions, the whole DDIM chain (B, S+1, Tp, Da), the condition (B, G)
                              and optionally the per-step log-probabilities (B, S)
   chain_log_prob(cond, chain)  per-step Gaussian log-probabilities (B, S) under the current weights
+  chain_log_prob_and_loss(obs, chain, batch)  both of the above and compute_loss(batch) in one pass
 
 The executed actions are steps To-1 .. To-2+Ta of the predicted Tp (the step of the
 last observation onwards), as in Diffusion Policy and DP3; hence Ta <= Tp - To + 1.
@@ -149,15 +150,47 @@ class DiffusionPolicy(nn.Module):
         steps drawn for the whole batch: a distributed rank's share of a global batch."""
         obs = batch["obs"] if rows is None else {key: v[rows] for key, v in batch["obs"].items()}
         cond = self.condition(obs)
-        x0 = self.normalizer.normalize("action", self._tensor(batch["action"]))
-        if x0.shape[1:] != (self.config.horizon, self.action_dim):
-            raise UserError(f"action windows have shape {tuple(x0.shape[1:])}, the policy expects {(self.config.horizon, self.action_dim)}")
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device) if generator is not None else torch.randn_like(x0)
-        k = torch.randint(0, self.schedule.num_train_steps, (x0.shape[0],), device=x0.device, generator=generator)
+        x0, noise, k = self._noised(batch["action"], generator)
         if rows is not None:
             x0, noise, k = x0[rows], noise[rows], k[rows]
         x_k = self.schedule.add_noise(x0, noise, k)
         return self.schedule.loss(self.model(x_k, k, cond), x0, noise)
+
+    def _noised(self, action: Any, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised action windows (B, Tp, Da), their noise and diffusion steps (B,),
+        drawn in this order from ``generator``."""
+        x0 = self.normalizer.normalize("action", self._tensor(action))
+        if x0.shape[1:] != (self.config.horizon, self.action_dim):
+            raise UserError(f"action windows have shape {tuple(x0.shape[1:])}, the policy expects {(self.config.horizon, self.action_dim)}")
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device) if generator is not None else torch.randn_like(x0)
+        k = torch.randint(0, self.schedule.num_train_steps, (x0.shape[0],), device=x0.device, generator=generator)
+        return x0, noise, k
+
+    def chain_log_prob_and_loss(self, obs: dict[str, Any], chain: torch.Tensor, batch: dict[str, Any],
+                                sampler: DDIMSampler | None = None,
+                                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``chain_log_prob(condition(obs), chain)`` and ``compute_loss(batch)`` together, from
+        one encoder pass over both sets of observations and one U-Net pass over the B * S
+        chain steps and the batch's noised windows (what fine-tuning with the BC term
+        computes every gradient step). Equal to the two calls, with the same draws from
+        ``generator``, to float rounding; fewer, larger operations."""
+        sampler = sampler or self.sampler
+        B, S = chain.shape[0], chain.shape[1] - 1
+        if chain.ndim != 4 or S != len(sampler.timesteps):
+            raise UserError(f"denoising chain has shape {tuple(chain.shape)}; expected (B, {len(sampler.timesteps) + 1}, Tp, Da)")
+        self._check_obs(obs)
+        self._check_obs(batch["obs"])
+        cond = self.condition({k: torch.cat([self._tensor(obs[k]), self._tensor(batch["obs"][k])]) for k in self.obs_keys})
+        x0, noise, k = self._noised(batch["action"], generator)
+        x_t = chain[:, :-1].reshape(B * S, *chain.shape[2:])
+        x_next = chain[:, 1:].reshape(B * S, *chain.shape[2:])
+        steps = torch.arange(S, device=chain.device).repeat(B)
+        t_chain = torch.as_tensor(sampler.timesteps, device=chain.device, dtype=torch.long).repeat(B)
+        out = self.model(torch.cat([x_t, self.schedule.add_noise(x0, noise, k)]), torch.cat([t_chain, k]),
+                         torch.cat([cond[:B].repeat_interleave(S, dim=0), cond[B:]]))
+        chain_out, loss_out = out[: B * S], out[B * S:]
+        log_prob = sampler.log_prob_of_step(lambda x, t: chain_out, x_t, x_next, steps).reshape(B, S)
+        return log_prob, self.schedule.loss(loss_out, x0, noise)
 
     # -- acting -------------------------------------------------------------------------
     @torch.no_grad()

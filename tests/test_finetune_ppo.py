@@ -18,8 +18,10 @@ from finetune_kit import (
     MODE,
     OBS,
     Da,
+    Ds,
     S,
     Ta,
+    To,
     Tp,
     algo,
     assert_same_params,
@@ -229,3 +231,53 @@ def test_one_poisoned_chunk_raises_before_any_step(what):
     with pytest.raises(FloatingPointError):
         ft.update(ro, episodes=1)
     assert_same_params(before, policy)
+
+
+@pytest.mark.parametrize("encoder", ["dp3", "state"])
+def test_one_pass_for_the_ppo_and_bc_terms_equals_two(encoder):
+    """The update's shared pass (one encoder call over the PPO chunks' and the BC windows'
+    observations, one U-Net call over both) gives the separate passes' log-probs, loss
+    and gradients, with the same draws of noise and diffusion steps."""
+    from sodp3d.normalizer import MinMaxNormalizer
+    from sodp3d.policy import PolicyConfig
+
+    gen = torch.Generator().manual_seed(0)
+    meta = {"point_cloud": [64, 3], "agent_pos": [4], "state": [Ds], "action": [Da]}
+    kwargs = {} if encoder == "dp3" else {"hidden": 32, "out_channels": 16}
+    torch.manual_seed(0)
+    config = PolicyConfig(shape_meta=meta, horizon=Tp, n_obs_steps=To, n_action_steps=Ta, encoder=encoder,
+                          encoder_kwargs=kwargs, unet="tiny")
+    fit = {k: torch.rand(32, *v, generator=gen).numpy() * 2 - 1 for k, v in meta.items()}
+    policy = DiffusionPolicy(config, MinMaxNormalizer.fit({k: fit[k] for k in (*ENCODER_KEYS[encoder], "action")}))
+    sampler = policy.ddim(1.0, 0.1)
+
+    def obs(n):
+        return {k: torch.rand(n, To, *meta[k], generator=gen) * 2 - 1 for k in policy.obs_keys}
+
+    ppo_obs = obs(5)
+    with torch.no_grad():
+        chains = policy.sample_chain(ppo_obs, sampler, gen).chain
+    batch = {"obs": obs(7), "action": torch.rand(7, Tp, Da, generator=gen) * 2 - 1}
+    weights = torch.randn(5, 1, generator=gen)
+
+    def run(shared: bool):
+        policy.zero_grad(set_to_none=True)
+        g = torch.Generator().manual_seed(7)
+        if shared:
+            logp, loss = policy.chain_log_prob_and_loss(ppo_obs, chains, batch, sampler, g)
+        else:
+            logp = policy.chain_log_prob(policy.condition(ppo_obs), chains, sampler)
+            loss = policy.compute_loss(batch, generator=g)
+        ((logp * weights).mean() + loss).backward()
+        return logp.detach(), loss.detach(), {n: p.grad.clone() for n, p in policy.named_parameters()}
+
+    logp_1, loss_1, grads_1 = run(shared=True)
+    logp_2, loss_2, grads_2 = run(shared=False)
+    torch.testing.assert_close(logp_1, logp_2)
+    torch.testing.assert_close(loss_1, loss_2)
+    assert grads_1.keys() == grads_2.keys()
+    for name in grads_2:
+        torch.testing.assert_close(grads_1[name], grads_2[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+ENCODER_KEYS = {"dp3": ("point_cloud", "agent_pos"), "state": ("state",)}

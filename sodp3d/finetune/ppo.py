@@ -14,7 +14,8 @@ the sum of the environment rewards of its Ta executed steps (discount 1). One up
         L_Imp = mean over (chunk, k) of -min(rho_k A, clip(rho_k, 1-e, 1+e) A),
         rho_k = p_theta(x_{k-1} | x_k, s) / p_old(x_{k-1} | x_k, s),
      plus lambda times the regulariser (sodp3d.finetune.regularisers); ``ppo_weight``
-     scales L_Imp (1: the paper; 0: the regulariser alone, a control);
+     scales L_Imp (1: the paper; 0: the regulariser alone, a control). A regulariser
+     that is a denoising loss (bc, pl) shares the log-probs' encoder and U-Net pass;
   4. diagnostics: approx KL, clip fraction, ratio range, every loss term, gradient norm, lr.
 
 fp32 throughout; gradient clipping; a non-finite rollout, loss or gradient raises
@@ -124,9 +125,13 @@ class FineTuner:
             idx = torch.as_tensor(self.rng.choice(rollout.size, size=min(chunks_per_batch, rollout.size), replace=False))
             obs = {k: v[idx].to(self.device) for k, v in rollout.obs.items()}
             chains = rollout.chains[idx].to(self.device)
-            new_logp = chunk_log_probs(policy, self.sampler, obs, chains)
+            batch = self.regulariser.denoising_batch(obs, chains, rollout)
+            if batch is not None:  # bc, pl: their loss from the same encoder and U-Net pass
+                new_logp, reg = policy.chain_log_prob_and_loss(obs, chains, batch, self.sampler, self.torch_gen)
+            else:
+                new_logp = chunk_log_probs(policy, self.sampler, obs, chains)
+                reg = self.regulariser.loss(obs, chains, rollout)
             loss_imp, stats = ppo_loss(new_logp, rollout.old_logp[idx].to(self.device), weights[idx.to(self.device)], self.clip)
-            reg = self.regulariser.loss(obs, chains, rollout)
             loss = self.ppo_weight * loss_imp if reg is None else self.ppo_weight * loss_imp + self.reg_weight * reg
             if not torch.isfinite(loss):
                 raise FloatingPointError(

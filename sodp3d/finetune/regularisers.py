@@ -7,7 +7,9 @@
     pl    the pre-training loss on the model's own recent samples (DLPO).
 
 Each gets the fine-tuner that owns it (policy, sampler, target buffer, reference model,
-RNGs) and returns a scalar loss for one minibatch, or None.
+RNGs) and returns a scalar loss for one minibatch, or None. Those that are a denoising
+loss on some batch (bc, pl) also say which batch (``denoising_batch``): the update then
+computes it in the same encoder and U-Net pass as the PPO term's log-probabilities.
 
 Shapes: B minibatch of chunks, S DDIM steps, Tp predicted steps, Da action dim.
 """
@@ -35,14 +37,18 @@ class Regulariser:
         self.ft = finetuner  # the FineTuner (sodp3d.finetune.ppo) that owns this regulariser
 
     def loss(self, obs: dict[str, torch.Tensor], chains: torch.Tensor, rollout: Rollout) -> torch.Tensor | None:
-        raise NotImplementedError
+        batch = self.denoising_batch(obs, chains, rollout)
+        return None if batch is None else self.ft.policy.compute_loss(batch, generator=self.ft.torch_gen)
+
+    def denoising_batch(self, obs: dict[str, torch.Tensor], chains: torch.Tensor,
+                        rollout: Rollout) -> dict[str, Any] | None:
+        """The batch {'obs', 'action'} whose pre-training loss this regulariser is, or None
+        (no such batch this step, or a regulariser of another kind)."""
+        return None
 
 
 class NoRegulariser(Regulariser):
     name = "none"
-
-    def loss(self, obs, chains, rollout):
-        return None
 
 
 class BCRegulariser(Regulariser):
@@ -50,13 +56,12 @@ class BCRegulariser(Regulariser):
 
     name = "bc"
 
-    def loss(self, obs, chains, rollout):
+    def denoising_batch(self, obs, chains, rollout):
         ft = self.ft
         if len(ft.buffer.trajectories) == 0:
             return None
         c = ft.policy.config
-        batch = ft.buffer.sample(ft.bc_batch_size, c.horizon, c.n_obs_steps, ft.rng)
-        return ft.policy.compute_loss(batch, generator=ft.torch_gen)
+        return ft.buffer.sample(ft.bc_batch_size, c.horizon, c.n_obs_steps, ft.rng)
 
 
 class KLRegulariser(Regulariser):
@@ -85,10 +90,8 @@ class PLRegulariser(Regulariser):
 
     name = "pl"
 
-    def loss(self, obs, chains, rollout):
-        ft = self.ft
-        x0 = ft.policy.normalizer.unnormalize("action", chains[:, -1])
-        return ft.policy.compute_loss({"obs": obs, "action": x0}, generator=ft.torch_gen)
+    def denoising_batch(self, obs, chains, rollout):
+        return {"obs": obs, "action": self.ft.policy.normalizer.unnormalize("action", chains[:, -1])}
 
 
 REGULARISERS: dict[str, type[Regulariser]] = {
