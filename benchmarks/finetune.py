@@ -2,7 +2,12 @@
 loop against two bare baselines measured in the same run.
 
     python benchmarks/finetune.py [--task button-press-topdown-v3] [--rounds 3] [--preset tiny]
-                                  [--reg bc] [override ...]
+                                  [--reg bc] [--device cpu] [override ...]
+
+On a GPU, the paper's settings (its U-Net, algorithm, 512 points from 128x128 depth) with
+16 environments:
+    python benchmarks/finetune.py --device cuda --preset paper algo=sodp finetune.num_envs=16 \
+        env.metaworld.num_points=512 'env.metaworld.resolution=[128,128]'
 
 Settings are the demo's (`sodp3d demo`'s config, overrides as there, e.g.
 env.metaworld.num_points=512 or algo=sodp): 84x84 depth, 128 points, 150-step episodes,
@@ -47,7 +52,7 @@ from sodp3d.finetune.ppo import FineTuner  # noqa: E402
 from sodp3d.finetune.rollouts import collect_rollout  # noqa: E402
 from sodp3d.normalizer import MinMaxNormalizer  # noqa: E402
 from sodp3d.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
-from sodp3d.runs import keep_host_memory  # noqa: E402
+from sodp3d.runs import keep_host_memory, resolve_device  # noqa: E402
 
 Tp, To, Ta = 12, 2, 8
 TARGET_BARE, TARGET_CEILING = 1.5, 0.5
@@ -145,6 +150,7 @@ def main() -> None:
     parser.add_argument("--encoder", default="dp3")
     parser.add_argument("--reg", default="bc")
     parser.add_argument("--eval-episodes", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("overrides", nargs="*", help="demo config overrides, e.g. env.metaworld.num_points=512")
     args = parser.parse_args()
     cfg = compose("demo", [f"reg={args.reg}", *args.overrides])
@@ -154,8 +160,9 @@ def main() -> None:
     bare = Bare(args.task, env_cfg)
     vec = make_vector_env(args.task, E, env_cfg, asynchronous=E > 1, n_obs_steps=To, n_action_steps=Ta)
     try:
+        device = resolve_device(args.device)
         policy = policy_for(bare, args.preset, args.encoder)
-        ft = FineTuner(policy, algo, torch.device("cpu"), seed=0)
+        ft = FineTuner(policy, algo, device, seed=0)
         rows = measure(args, bare, vec, ft, E)
         workers = [p.pid for p in getattr(vec, "processes", [])]
         worker_peak = sum(peak_mb(pid) for pid in workers)
@@ -183,7 +190,7 @@ def measure(args, bare: Bare, vec, ft: FineTuner, E: int) -> list[dict]:
                "collect_s": ro.seconds, "update_s": upd_s, "grad_steps": stats["gradient_steps"],
                "rss": resident_mb()}
         if r == 0 and args.eval_episodes > 0:
-            gen = torch.Generator().manual_seed(0)
+            gen = torch.Generator(device=ft.device).manual_seed(0)
             t = time.perf_counter()
             ev = evaluate_task(ft.policy, args.task, args.eval_episodes, 0, E, generator=gen, vec=vec)
             row["eval"] = ev["env_steps"] / (time.perf_counter() - t)
@@ -205,7 +212,7 @@ def report(args, cfg, bare: Bare, rows: list[dict], ft: FineTuner, E: int, worke
     print(f"\nFine-tuning throughput, {args.task}: {E} envs, episode length {s.episode_length}, To={To} Ta={Ta} "
           f"Tp={Tp}, DDIM S={ft.sampler.num_steps} eta=1, '{args.preset}' U-Net + {args.encoder} encoder "
           f"({n_params / 1e6:.2f}M params), reg={args.reg}, p_step {ft.p_step}, batch {ft.batch_size}, "
-          f"bc batch {ft.bc_batch_size}; camera {', '.join(s.cameras)} {s.height}x{s.width}, {s.num_points} points; "
+          f"bc batch {ft.bc_batch_size}, device {ft.device}; camera {', '.join(s.cameras)} {s.height}x{s.width}, {s.num_points} points; "
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; "
           f"{len(rows)} rounds, {steps} env steps.\n")
     print("| measure | env steps/s | vs bare | vs ceiling |")
@@ -225,6 +232,7 @@ def report(args, cfg, bare: Bare, rows: list[dict], ft: FineTuner, E: int, worke
     print(f"\nupdate: {upd:.2f} s per round, {upd / g * 1e3:.0f} ms per gradient step (reg={args.reg})")
     print(f"peak resident memory: main process {peak_mb():.0f} MB, {E} env workers {worker_peak:.0f} MB together; "
           f"main process resident after round 1: {rows[0]['rss']:.0f} MB, after round {len(rows)}: {rows[-1]['rss']:.0f} MB")
+    print(f"at the loop's rate, 1M environment steps (the paper's budget per task) take {1e6 / loop_sps / 3600:.1f} h")
     vb, vc = loop_sps / bare_sps, loop_sps / ceil_sps
     print(f"loop {vb:.2f}x bare ({'meets' if vb >= TARGET_BARE else 'misses'} >= {TARGET_BARE}), "
           f"{vc:.2f}x ceiling ({'meets' if vc >= TARGET_CEILING else 'misses'} >= {TARGET_CEILING})")

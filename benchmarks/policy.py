@@ -1,7 +1,11 @@
 """Policy speed: pre-training samples/s, the data loader against the train step, and the
 latency of one action chunk (S DDIM steps) at batch 1 and 8, per U-Net preset.
 
-    python benchmarks/policy.py [--presets tiny simple paper] [--device auto] [--seconds 8]
+    python benchmarks/policy.py [--presets tiny simple paper] [--device auto] [--seconds 8] [--bf16]
+
+On a GPU: `python benchmarks/policy.py --device cuda --presets simple paper --bf16` (the
+paper preset trains with batch 256 there; --bf16 adds a row per preset with the training
+step under bf16 autocast, next to fp32). Peak resident memory of the process is printed.
 
 Meta-World shapes: 512-point clouds, agent_pos 9, action 4, Tp=12, To=2, Ta=8, DP3 encoder,
 S = 10. The loader column is the time to assemble a batch of windows from an in-memory
@@ -63,7 +67,7 @@ def timed(fn, seconds: float, min_runs: int = 3, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
-def bench(preset: str, device: torch.device, data: WindowDataset, seconds: float) -> dict:
+def bench(preset: str, device: torch.device, data: WindowDataset, seconds: float, bf16: bool = False) -> dict:
     torch.manual_seed(0)
     config = PolicyConfig(shape_meta=META, horizon=12, n_obs_steps=2, n_action_steps=8, encoder="dp3", unet=preset)
     policy = DiffusionPolicy(config, MinMaxNormalizer.fit(data.arrays_for_fit())).to(device)
@@ -74,7 +78,8 @@ def bench(preset: str, device: torch.device, data: WindowDataset, seconds: float
     batch = data.sample(batch_size, rng)
 
     def train_step():
-        loss = policy.compute_loss(batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = policy.compute_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -87,7 +92,7 @@ def bench(preset: str, device: torch.device, data: WindowDataset, seconds: float
         obs = {k: torch.as_tensor(v[:1].repeat(b, 0), device=device) for k, v in batch["obs"].items()}
         latency[b] = timed(lambda: policy.predict_action(obs), seconds / 2, sync=sync)
     return {
-        "preset": preset,
+        "preset": preset + (" (bf16 autocast)" if bf16 else ""),
         "params": sum(p.numel() for p in policy.parameters()) / 1e6,
         "batch": batch_size,
         "samples_s": batch_size / step_s,
@@ -102,6 +107,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "simple", "paper"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--bf16", action="store_true", help="also time the training step under bf16 autocast")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's allocator as it is (pre-training keeps freed host memory; see keep_host_memory)")
     args = parser.parse_args()
@@ -111,7 +117,8 @@ def main() -> None:
         path = os.path.join(tmp, "bench.zarr")
         synthetic_dataset(path)
         data = WindowDataset([path], ["point_cloud", "agent_pos"], 12, 2, 8)
-        rows = [bench(p, device, data, args.seconds) for p in args.presets]
+        rows = [bench(p, device, data, args.seconds, bf16) for p in args.presets
+                for bf16 in ((False, True) if args.bf16 else (False,))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nPolicy speed on {name} (DP3 encoder, 512 points, Tp=12, To=2, Ta=8, S=10 DDIM steps; "
           f"freed host memory kept: {'yes' if kept else 'no'})\n")
@@ -120,6 +127,9 @@ def main() -> None:
     for r in rows:
         print(f"| {r['preset']} | {r['params']:.2f} | {r['batch']} | {r['samples_s']:.0f} | {r['loader']:.2%} | "
               f"{r['lat1']:.1f} | {r['lat8']:.1f} |")
+    import resource
+
+    print(f"\npeak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if device.type == "cpu" and "paper" in args.presets:
         print("\n(paper on CPU trains with batch 16 here; it is meant for a GPU)", file=sys.stdout)
 
