@@ -34,10 +34,12 @@ def keep_host_memory() -> bool:
     Training allocates and frees the same few hundred MB every step (a batch of clouds
     through the point encoder: 512 x 512 points x 256 channels is 268 MB a layer). By
     default glibc serves blocks that large with mmap and unmaps them when freed, so every
-    step pays again for zero-filled pages: about 40% of a CPU pre-training step (see
-    docs/benchmarks.md). Here large blocks come from the heap and freed ones stay there
-    (up to 1 GB of free heap is kept), so the next step reuses them. The peak resident
-    memory is what the largest step needs, as before; it does not grow with steps."""
+    step pays again for zero-filled pages: about 45% of a CPU pre-training step at 512
+    points (see docs/benchmarks.md). Here large blocks come from the heap and freed ones
+    stay there (up to 1 GB of free heap is kept), so the next step reuses them. The
+    resident memory stays at what the largest steps needed (higher than with the default
+    allocator, which gives blocks back between steps: +650 MB in the 512-point
+    benchmark); it does not grow with the number of steps (tests/test_host_memory.py)."""
     global _HOST_MEMORY_KEPT
     if _HOST_MEMORY_KEPT:
         return True
