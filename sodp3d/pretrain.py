@@ -99,6 +99,18 @@ def lr_lambda(warmup: int, total: int):
     return fn
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision(cfg: DictConfig) -> str:
+    """The training step's precision: fp32, or bf16 autocast around the loss's forward (for
+    GPUs; on a CPU it pays only where the CPU has native bf16)."""
+    p = str(cfg.get("precision", "fp32"))
+    if p not in PRECISIONS:
+        raise UserError(f"unknown precision={p}; valid: {', '.join(PRECISIONS)}")
+    return p
+
+
 class Trainer:
     """Owns the optimiser, schedule, EMA and RNGs; the policy owns only its loss.
 
@@ -121,6 +133,7 @@ class Trainer:
             policy, avg_fn=ema_avg_fn(float(cfg.ema.power), float(cfg.ema.max_decay)), use_buffers=True
         )
         self.grad_clip = float(o.grad_clip) if o.get("grad_clip") else None
+        self.bf16 = precision(cfg) == "bf16"
         self.step = 0
         self.rng = np.random.default_rng(int(cfg.seed))
         self.torch_gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
@@ -128,7 +141,8 @@ class Trainer:
     def train_step(self, dataset: WindowDataset, batch_size: int) -> float:
         batch = dataset.sample(batch_size, self.rng)
         self.policy.train()
-        loss = self.loss_fn(batch, self.torch_gen, self.ranks.rows(batch_size))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss_fn(batch, self.torch_gen, self.ranks.rows(batch_size))
         batch_loss = distributed.mean(self.ranks, loss)  # the same on every rank, so all stop alike
         if not torch.isfinite(batch_loss):
             raise FloatingPointError(f"loss is {batch_loss.item()} at step {self.step}")
@@ -196,6 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     steps = int(cfg.steps)
     if steps <= 0 or int(cfg.batch_size) <= 0:
         raise UserError(f"steps and batch_size must be positive, got steps={cfg.steps}, batch_size={cfg.batch_size}")
+    precision(cfg)  # a bad value is refused before anything is written
     ranks = distributed.ranks_from_env()
     ranks.rows(int(cfg.batch_size))  # a batch that does not split is refused before anything starts
     device = distributed.start(ranks, resolve_device(str(cfg.device)))

@@ -146,6 +146,18 @@ def test_eval_end_to_end(dataset, tmp_path):
     assert returns["null"] != returns["1"]
 
 
+def test_bf16_pretraining_lowers_the_loss_and_keeps_fp32_weights(dataset, tmp_path):
+    """precision=bf16 runs the loss's forward under bf16 autocast: it still learns, its
+    curve is not the fp32 one (autocast is on), and the checkpoint stays fp32."""
+    assert pretrain(dataset, tmp_path / "fp32", "steps=80", "optim.lr=1e-3") == 0
+    assert pretrain(dataset, tmp_path / "bf16", "steps=80", "optim.lr=1e-3", "precision=bf16") == 0
+    curve = losses(tmp_path / "bf16")
+    assert sum(curve[-3:]) / 3 < 0.7 * sum(curve[:3]) / 3, curve
+    assert curve != losses(tmp_path / "fp32")
+    payload = load_checkpoint(tmp_path / "bf16" / "checkpoints" / "latest.ckpt")
+    assert {v.dtype for v in payload["policy"].values() if v.is_floating_point()} == {torch.float32}
+
+
 def test_bad_input(dataset, tmp_path, capsys):
     run = tmp_path / "bad"
     assert pretrain(dataset, run, "steps=2") == 0
@@ -162,6 +174,8 @@ def test_bad_input(dataset, tmp_path, capsys):
     assert "missing.zarr" in msg
     msg = one_line_error(capsys, pretrain(dataset, tmp_path / "x", "n_action_steps=20"), "pretrain")
     assert "n_action_steps" in msg
+    msg = one_line_error(capsys, pretrain(dataset, tmp_path / "x", "precision=fp8"), "pretrain")
+    assert "fp8" in msg and "bf16" in msg
     assert not (tmp_path / "x").exists()
 
     # A checkpoint built for 4 Meta-World actions cannot drive Adroit's 28.
