@@ -113,19 +113,22 @@ def _demo(cfg: DictConfig) -> dict[str, Any]:
 
 def render(record: dict[str, Any]) -> str:
     return (f"\n{demo_table(record)}\n\neverything is in {record['run']}/: results.md, results.json, curves.png, "
-            "rollout.gif, rollout.html, dataset.png, config.yaml, data.zarr, pretrain/, finetune/")
+            "rollout.gif, rollout.mp4, rollout.html, dataset.png, config.yaml, data.zarr, pretrain/, finetune/")
 
 
 def _rollout(cfg: DictConfig, paths: dict[str, Path], task: str) -> dict[str, Path]:
-    """The fine-tuned policy's episode on the first fine-tuned task, as GIF and HTML."""
+    """The fine-tuned policy's episode on the first fine-tuned task, as GIF, MP4 and HTML."""
     from sodp3d.checkpoint import acting_env_config, policy_from_checkpoint
-    from sodp3d.viz import record_rollout, rollout_gif, rollout_html
+    from sodp3d.viz import record_rollout, rollout_gif, rollout_html, rollout_images, rollout_mp4
 
     ft_dir = paths["finetune"] / task if (paths["finetune"] / task).is_dir() else paths["finetune"]
     policy, payload = policy_from_checkpoint(ft_dir / "checkpoints" / "latest.ckpt", device=resolve_device(str(cfg.device)))
     record = record_rollout(policy, task, acting_env_config(cfg.env, payload), int(cfg.viz.seed))
     run = paths["run"]
-    return {"rollout_gif": rollout_gif(record, run / "rollout.gif"), "rollout_html": rollout_html(record, run / "rollout.html")}
+    images = rollout_images(record)  # drawn once for the GIF and the MP4
+    return {"rollout_gif": rollout_gif(record, run / "rollout.gif", images=images),
+            "rollout_mp4": rollout_mp4(record, run / "rollout.mp4", images=images),
+            "rollout_html": rollout_html(record, run / "rollout.html")}
 
 
 def demo_table(results: dict[str, Any]) -> str:

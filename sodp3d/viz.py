@@ -3,8 +3,9 @@
 * ``record_rollout``: one episode of a policy, one frame per decision (the newest
   observed cloud, the end-effector path executed so far, and the path the predicted
   action sequence would take from there).
-* ``rollout_gif`` / ``rollout_html``: that episode as an animated GIF (matplotlib, Agg)
-  and as an interactive plotly page (the cloud can be turned by hand; offline, the
+* ``rollout_gif`` / ``rollout_mp4`` / ``rollout_html``: that episode as an animated GIF
+  (matplotlib, Agg), the same frames as an MP4 (imageio-ffmpeg), and as an interactive
+  plotly page (the cloud can be turned by hand; offline, the
   plotly library is embedded).
 * ``dataset_figure``: some episodes of a zarr dataset, three moments each, with their
   end-effector path and whether they succeeded.
@@ -186,10 +187,8 @@ def _frame_image(cloud, lim, executed, predicted, title: str, legend: bool, size
     return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
 
 
-def rollout_gif(record: RolloutRecord, path: str | Path, fps: float = 4.0, size: tuple[float, float] = (5.0, 4.5),
-                dpi: int = 90) -> Path:
-    """An animated GIF, one frame per decision and a last one that holds the outcome,
-    written atomically."""
+def rollout_images(record: RolloutRecord, size: tuple[float, float] = (5.0, 4.5), dpi: int = 90) -> list:
+    """The rollout's frames as PIL images: one per decision, then one that holds the outcome."""
     if not record.frames:
         raise UserError("the rollout has no frames")
     lim = record.limits()
@@ -200,9 +199,44 @@ def rollout_gif(record: RolloutRecord, path: str | Path, fps: float = 4.0, size:
     images.append(_frame_image(record.frames[-1].cloud, lim, record.executed, None,
                                f"{head}  end, {record.steps} steps\nreturn {record.ret:.1f}  "
                                f"{'success' if record.success else 'failure'}", False, size, dpi))
-    durations = [int(1000 / fps)] * (len(images) - 1) + [2000]
+    return images
+
+
+HOLD_SECONDS = 2.0  # how long the outcome frame stays
+
+
+def rollout_gif(record: RolloutRecord, path: str | Path, fps: float = 4.0, size: tuple[float, float] = (5.0, 4.5),
+                dpi: int = 90, images: list | None = None) -> Path:
+    """An animated GIF, one frame per decision and a last one that holds the outcome,
+    written atomically. ``images``: frames already drawn (``rollout_images``)."""
+    images = images if images is not None else rollout_images(record, size, dpi)
+    durations = [int(1000 / fps)] * (len(images) - 1) + [int(1000 * HOLD_SECONDS)]
     with atomic_write(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
+    return Path(path)
+
+
+def rollout_mp4(record: RolloutRecord, path: str | Path, fps: float = 4.0, size: tuple[float, float] = (5.0, 4.5),
+                dpi: int = 90, images: list | None = None) -> Path:
+    """The GIF's frames as an H.264 MP4 (imageio with the imageio-ffmpeg wheel, which
+    brings its own ffmpeg), the outcome frame held as long, written atomically. Frames are
+    padded with white to a multiple of 16 pixels, as the codec wants."""
+    import imageio.v2 as imageio
+
+    images = images if images is not None else rollout_images(record, size, dpi)
+    frames = [np.asarray(im.convert("RGB")) for im in images]
+    h, w = frames[0].shape[:2]
+    H, W = -(-h // 16) * 16, -(-w // 16) * 16
+    frames = [np.pad(f, ((0, H - h), (0, W - w), (0, 0)), constant_values=255) for f in frames]
+    frames += [frames[-1]] * max(0, round(HOLD_SECONDS * fps) - 1)
+    with atomic_write(path) as tmp:
+        writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                    pixelformat="yuv420p", macro_block_size=16, ffmpeg_log_level="error")
+        try:
+            for frame in frames:
+                writer.append_data(frame)
+        finally:
+            writer.close()
     return Path(path)
 
 
@@ -357,7 +391,10 @@ def run(cfg) -> dict[str, Any]:
             seed = int(cfg.seed) + e
             record = record_rollout(policy, task, env_cfg, seed)
             stem = f"{task}-seed{seed}"
-            files.append(str(rollout_gif(record, out / f"{stem}.gif", fps=float(cfg.fps))))
+            images = rollout_images(record)  # drawn once for the GIF and the MP4
+            files.append(str(rollout_gif(record, out / f"{stem}.gif", fps=float(cfg.fps), images=images)))
+            if cfg.get("mp4", True):
+                files.append(str(rollout_mp4(record, out / f"{stem}.mp4", fps=float(cfg.fps), images=images)))
             if cfg.get("html", True):
                 files.append(str(rollout_html(record, out / f"{stem}.html")))
             rows.append({"task": task, "seed": seed, "steps": record.steps, "success": record.success,

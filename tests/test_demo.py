@@ -9,7 +9,7 @@ from PIL import Image
 
 from sodp3d.cli import COMMANDS, main
 
-FILES = ["config.yaml", "results.json", "results.md", "curves.png", "rollout.gif", "rollout.html", "dataset.png",
+FILES = ["config.yaml", "results.json", "results.md", "curves.png", "rollout.gif", "rollout.mp4", "rollout.html", "dataset.png",
          "data.zarr", "pretrain/checkpoints/latest.ckpt", "finetune/checkpoints/latest.ckpt"]
 
 
@@ -40,6 +40,16 @@ def test_demo_writes_every_file_and_the_table(demo_run, capsys):
     assert Image.open(demo_run / "rollout.gif").n_frames >= 2
     assert Image.open(demo_run / "curves.png").size[0] > 200
     assert not list(demo_run.glob(".*tmp*"))
+
+
+def test_viz_of_a_finetuned_checkpoint_writes_gif_mp4_and_html(demo_run, tmp_path, capsys):
+    """`sodp3d viz ckpt=<fine-tuning run>` acts on the task it was trained on and writes
+    the same frames as GIF and MP4, plus the page."""
+    assert main(["viz", f"ckpt={demo_run / 'finetune'}", f"out={tmp_path}", "device=cpu"]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["reach-v3-seed0.gif", "reach-v3-seed0.html", "reach-v3-seed0.mp4"], names
+    assert all((tmp_path / n).stat().st_size > 1000 for n in names)
+    assert "reach-v3-seed0.mp4" in capsys.readouterr().out
 
 
 def test_a_rerun_resumes_instead_of_redoing(demo_run, capsys):

@@ -1,4 +1,4 @@
-"""sodp3d viz: rollouts as the policy sees them (GIF, HTML), dataset views, bad input."""
+"""sodp3d viz: rollouts as the policy sees them (GIF, MP4, HTML), dataset views, bad input."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from sodp3d.envs import default_env_config, make_env
 from sodp3d.envs.suites import make_suite_env
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
-from sodp3d.viz import dataset_figure, pick_episodes, record_rollout, rollout_gif, rollout_html
+from sodp3d.viz import (HOLD_SECONDS, dataset_figure, pick_episodes, record_rollout, rollout_gif, rollout_html,
+                        rollout_images, rollout_mp4)
 
 ENV = OmegaConf.merge(default_env_config(),
                       {"metaworld": {"resolution": [40, 40], "num_points": 48, "episode_length": 40}})
@@ -89,6 +90,29 @@ def test_gif_frames_differ_and_html_is_interactive(record, tmp_path):
     assert "Plotly.newPlot" in html or "plotly" in html.lower()
     assert not re.search(r"<script[^>]+src=\"https?://", html)  # works offline
     assert html.count('"name":"4"') >= 1 or html.count('"name": "4"') >= 1  # one animation frame per decision
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_mp4_has_the_gifs_frames(record, tmp_path):
+    """The MP4 shows the GIF's frames in order (the outcome frame held as long), at the
+    codec's 16-pixel multiple, written atomically."""
+    import imageio.v2 as imageio
+
+    fps = 4.0
+    images = rollout_images(record)
+    gif = Image.open(rollout_gif(record, tmp_path / "r.gif", fps=fps, images=images))
+    reader = imageio.get_reader(rollout_mp4(record, tmp_path / "r.mp4", fps=fps, images=images), format="FFMPEG")
+    video = [frame for frame in reader]
+    reader.close()
+    assert len(video) == gif.n_frames + round(HOLD_SECONDS * fps) - 1
+    h, w = np.asarray(images[0]).shape[:2]
+    assert video[0].shape[0] % 16 == 0 and video[0].shape[1] % 16 == 0
+    for i in (0, len(images) // 2, len(images) - 1):  # each frame is its drawing, not a neighbour's
+        drawn = np.asarray(images[i].convert("RGB"), dtype=np.float32)
+        errors = [np.abs(v[:h, :w].astype(np.float32) - drawn).mean() for v in video[: len(images)]]
+        assert int(np.argmin(errors)) == i and errors[i] < 6.0, (i, errors[i])
+    held = np.abs(video[-1].astype(np.float32) - video[len(images) - 1].astype(np.float32)).mean()
+    assert held < 2.0, held  # the outcome frame, held (lossy codec: nearly equal)
     assert not list(tmp_path.glob(".*tmp*"))
 
 
