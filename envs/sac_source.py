@@ -23,6 +23,7 @@ import math
 import multiprocessing as mp
 from collections import OrderedDict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -90,10 +91,14 @@ def _sac_options(cfg: Any) -> dict[str, Any]:
     }
 
 
-def train_and_record(settings: ObsSettings, options: dict[str, Any], seed: int, n_episodes: int) -> list[dict[str, Any]]:
-    """Run SAC on the task's state until ``n_episodes`` episodes are recorded."""
+def train_and_record(settings: ObsSettings, options: dict[str, Any], seed: int, n_episodes: int,
+                     log_dir: str | None = None) -> list[dict[str, Any]]:
+    """Run SAC on the task's state until ``n_episodes`` episodes are recorded. SB3's logger
+    writes ``progress.csv`` to ``log_dir`` (not to a directory of its own in the system's
+    temp dir)."""
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import configure
 
     env = EpisodeRecorder(make_suite_env(settings.task, settings.episode_length))
     run_seed = int(episode_rng(seed, settings.task, 2**32 - 1).integers(2**31 - 1))  # a stream no episode index uses
@@ -117,7 +122,10 @@ def train_and_record(settings: ObsSettings, options: dict[str, Any], seed: int, 
         device="auto",
         verbose=0,
     )
-    model.learn(total_timesteps=full_run, callback=_StopWhenKept(), progress_bar=False)
+    if log_dir is not None:
+        model.set_logger(configure(log_dir, ["csv"]))
+    model.learn(total_timesteps=full_run, callback=_StopWhenKept(), progress_bar=False, log_interval=1)
+    model.logger.close()  # one row per episode in progress.csv, flushed
     env.close()
     return env.episodes[:n_episodes]
 
@@ -136,8 +144,15 @@ def render_episode(settings: ObsSettings, record: dict[str, Any]) -> tuple[np.nd
 
 
 def _train_job(args: tuple) -> tuple[str, list[dict[str, Any]]]:
-    settings, options, seed, n_episodes = args
-    return settings.task, train_and_record(settings, options, seed, n_episodes)
+    settings, options, seed, n_episodes, log_dir = args
+    return settings.task, train_and_record(settings, options, seed, n_episodes, log_dir)
+
+
+def sac_log_dir(out: str | Path, task: str) -> Path:
+    """Where SAC's training log of ``task`` goes for the store ``out``: beside it,
+    ``<store>-sac/<task>/`` (as ``sodp3d viz`` writes ``<store>-viz/``)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}-sac") / task
 
 
 def _render_job(args: tuple) -> dict[str, Any]:
@@ -176,7 +191,9 @@ def run_sac_jobs(
         wanted.setdefault(task, []).append(index)
     if not wanted:
         return
-    train = [(settings[t], options, seed, max(idx) + 1) for t, idx in wanted.items()]
+    out = cfg.get("out")
+    train = [(settings[t], options, seed, max(idx) + 1, str(sac_log_dir(out, t)) if out else None)
+             for t, idx in wanted.items()]
     ctx = mp.get_context("spawn")
     n_proc = max(1, min(workers, len(train)))
     records: dict[str, list[dict[str, Any]]] = {}

@@ -1,5 +1,8 @@
 """The SAC source: stored states re-render exactly what was seen live; a tiny SAC run lands in zarr."""
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -43,9 +46,13 @@ def test_sac_collection_end_to_end(tmp_path, capsys):
     args = ["collect", "task=reach-v3", "episodes=2", f"out={out}", "source=sac", "episode_length=25",
             "sac.learning_starts=20", "sac.batch_size=16", "sac.net_arch=[32,32]", "workers=1",
             "env.metaworld.resolution=[48,48]", "env.metaworld.num_points=64"]
+    sb3_temp = set(Path(tempfile.gettempdir()).glob("SB3-*"))
     assert main(args) == 0
     data = EpisodeDataset(out)
     assert data.n_episodes == 2 and data.n_steps == 50
+    # SB3's training log sits beside the store, not in a directory of its own in /tmp.
+    assert (tmp_path / "sac-sac" / "reach-v3" / "progress.csv").stat().st_size > 0
+    assert set(Path(tempfile.gettempdir()).glob("SB3-*")) == sb3_temp
     assert data.get("point_cloud").shape == (50, 64, 3)
     assert list(data.episode_info("source")) == ["sac", "sac"]
     # SAC's early experience starts with uniform random exploration: actions spread over the box.
