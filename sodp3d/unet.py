@@ -17,7 +17,7 @@ Layout (faithful to diffusion_policy's ``ConditionalUnet1D``, which DP3 reuses):
     down: for each width in down_dims: ``blocks_per_stage`` residual blocks (the first
           maps to that width); Downsample1d after every stage but the last. Each stage
           output is kept as a skip.
-    mid:  2 residual blocks at the last width.
+    mid:  ``mid_blocks`` residual blocks at the last width (2; Simple DP3 has 1).
     up:   for each width in reversed(down_dims[:-1]): concatenate the matching skip,
           ``blocks_per_stage`` residual blocks, Upsample1d. There are len(down_dims) - 1
           up stages and each upsamples, so the resolution returns to T; as in the
@@ -131,11 +131,11 @@ class ConditionalUnet1D(nn.Module):
 
     def __init__(self, action_dim: int, global_cond_dim: int,
                  down_dims: Sequence[int] = (512, 1024, 2048), blocks_per_stage: int = 2,
-                 kernel_size: int = 5, n_groups: int = 8, step_embed_dim: int = 128):
+                 kernel_size: int = 5, n_groups: int = 8, step_embed_dim: int = 128, mid_blocks: int = 2):
         super().__init__()
         down_dims = tuple(int(d) for d in down_dims)
         _validate(action_dim, global_cond_dim, down_dims, blocks_per_stage, kernel_size,
-                  n_groups, step_embed_dim)
+                  n_groups, step_embed_dim, mid_blocks)
         self.action_dim = int(action_dim)
         self.global_cond_dim = int(global_cond_dim)
         self.down_dims = down_dims
@@ -163,7 +163,7 @@ class ConditionalUnet1D(nn.Module):
             self.down_stages.append(stage(cin, cout))
             self.downsamples.append(Downsample1d(cout) if i < len(in_out) - 1 else nn.Identity())
         mid = down_dims[-1]
-        self.mid_blocks = nn.ModuleList([res(mid, mid), res(mid, mid)])
+        self.mid_blocks = nn.ModuleList([res(mid, mid) for _ in range(int(mid_blocks))])
         self.up_stages = nn.ModuleList()
         self.upsamples = nn.ModuleList()
         for cin, cout in reversed(in_out[1:]):
@@ -237,7 +237,7 @@ def _timesteps_for_batch(timestep: torch.Tensor | int, batch: int, device: torch
 
 
 def _validate(action_dim, global_cond_dim, down_dims, blocks_per_stage, kernel_size, n_groups,
-              step_embed_dim) -> None:
+              step_embed_dim, mid_blocks=2) -> None:
     if int(action_dim) < 1:
         raise UserError(f"action_dim={action_dim} is invalid; use a positive integer")
     if int(global_cond_dim) < 0:
@@ -253,18 +253,21 @@ def _validate(action_dim, global_cond_dim, down_dims, blocks_per_stage, kernel_s
                         f"use a group count that divides them all (8 in DP3)")
     if int(step_embed_dim) < 4 or int(step_embed_dim) % 2:
         raise UserError(f"step_embed_dim={step_embed_dim} is invalid; use an even number >= 4")
+    if int(mid_blocks) < 1:
+        raise UserError(f"mid_blocks={mid_blocks} is invalid; use an integer >= 1 (2 in DP3, 1 in Simple DP3)")
 
 
 # Registry of U-Net sizes, chosen by config key. "paper" is DP3's full U-Net (SODP's
-# Meta-World backbone), "simple" is Simple DP3 (SODP's Adroit backbone), "tiny" is for
-# tests and smoke runs.
+# Meta-World backbone), "simple" is Simple DP3 (SODP's Adroit backbone: one block per
+# stage and one middle block; 7,375,236 parameters for 4 action dims and a 256-dim
+# condition, as DP3's code), "tiny" is for tests and smoke runs.
 UNET_PRESETS: dict[str, dict] = {
     "paper": {"down_dims": (512, 1024, 2048), "blocks_per_stage": 2, "step_embed_dim": 128},
-    "simple": {"down_dims": (128, 256, 384), "blocks_per_stage": 1, "step_embed_dim": 128},
+    "simple": {"down_dims": (128, 256, 384), "blocks_per_stage": 1, "step_embed_dim": 128, "mid_blocks": 1},
     "tiny": {"down_dims": (32, 64), "blocks_per_stage": 1, "step_embed_dim": 32},
 }
 
-UNET_OPTIONS = ("down_dims", "blocks_per_stage", "kernel_size", "n_groups", "step_embed_dim")
+UNET_OPTIONS = ("down_dims", "blocks_per_stage", "kernel_size", "n_groups", "step_embed_dim", "mid_blocks")
 
 
 def preset_names() -> list[str]:

@@ -58,8 +58,13 @@ def test_horizon_check_depends_on_levels():
 def test_parameter_counts_of_small_presets():
     counts = {p: count_parameters(build_unet(p, Da, G)) for p in ("simple", "tiny")}
     print(counts)
-    assert 5e6 < counts["simple"] < 15e6
     assert counts["tiny"] < 1e6
+    # Simple DP3 (DP3's code): one block per stage and one middle block; 4 action dims and
+    # a 256-dim condition give exactly this many parameters.
+    simple = build_unet("simple", 4, 256)
+    assert len(simple.mid_blocks) == 1
+    assert count_parameters(simple) == 7_375_236
+    assert count_parameters(build_unet("simple", 4, 256, mid_blocks=2)) == 9_147_780  # the old, wider one
 
 
 def test_timestep_as_int_or_tensor():
