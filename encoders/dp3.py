@@ -14,9 +14,14 @@ Linear(64, 64). The two features are concatenated.
 
 Options, as DP3 names them: ``use_layernorm=False`` drops the three per-point
 LayerNorms (DP3's "no LayerNorm" ablation, 73.0 vs 78.3); ``final_norm=False`` drops the
-projection's LayerNorm (DP3's ``final_norm='none'``). ``use_rgb=True`` feeds xyz+rgb
-(6 channels) to the first layer; by default only xyz is read, even from a 6-channel cloud
-(colour hurt in DP3: 72.0 vs 78.3).
+projection's LayerNorm (DP3's ``final_norm='none'``). By default only xyz is read, even
+from a 6-channel cloud (colour hurt in DP3: 72.0 vs 78.3).
+
+``use_rgb=True`` is DP3's coloured network (its ``use_pc_color``, ``PointNetEncoderXYZRGB``):
+xyz+rgb through a per-point MLP 6-64-128-256 (Linear, LayerNorm, ReLU) and a fourth
+Linear 256-512 without normalisation or activation, max-pool, projection 512-64 (212,032
+parameters with a 9-dim agent_pos). The policy normalises the colour channels as DP3
+does, each min-max to [-1, 1] over the data, like xyz.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 from .base import PointCloudEncoder, ShapeMeta, boolean, max_pool_of_winners, point_layer, positive_int
 
 BLOCK_CHANNELS = (64, 128, 256)
+RGB_WIDTH = 512  # the coloured network's last per-point width
 
 
 class DP3Encoder(PointCloudEncoder):
@@ -50,15 +56,18 @@ class DP3Encoder(PointCloudEncoder):
         for c_out in BLOCK_CHANNELS:
             layers.extend(point_layer(c_in, c_out, use_layernorm))
             c_in = c_out
+        if self.use_rgb:  # DP3's coloured network ends in a plain Linear to 512
+            layers.append(nn.Linear(c_in, RGB_WIDTH))
+            c_in = RGB_WIDTH
         self.mlp = nn.Sequential(*layers)
-        projection: list[nn.Module] = [nn.Linear(BLOCK_CHANNELS[-1], out_channels)]
+        projection: list[nn.Module] = [nn.Linear(c_in, out_channels)]
         if final_norm:
             projection.append(nn.LayerNorm(out_channels))
         self.final_projection = nn.Sequential(*projection)
         self.add_agent_pos_branch(out_channels)
 
     def point_features(self, points: Tensor) -> Tensor:
-        """points: (B, N, 3 or 6) -> (B, out_channels)."""
+        """points: (B, N, 3), or (B, N, 6) with use_rgb -> (B, out_channels)."""
         if torch.is_grad_enabled() and self.mlp[0].weight.requires_grad:
             pooled = max_pool_of_winners(self.mlp, points)  # training: backward through the winners only
         else:

@@ -1,7 +1,9 @@
 """Min-max normalisation to [-1, 1], fitted on the data and saved with the model.
 
-Shapes: D feature dim of a key; for ``point_cloud`` only xyz (3) is normalised, colour
-channels (in [0, 1]) pass through.
+Shapes: D feature dim of a key. For ``point_cloud`` the first ``point_channels`` channels
+are normalised: xyz (3), or xyz and colour (6) for an encoder that reads colour (DP3
+normalises its coloured clouds per channel the same way); channels beyond them pass
+through.
 
     x_n = (x - min) * 2 / range - 1,   range = max(max - min, eps)
 
@@ -29,16 +31,20 @@ class MinMaxNormalizer(nn.Module):
             self.register_buffer(f"{key}__scale", torch.ones(d))
 
     @classmethod
-    def fit(cls, arrays: dict[str, np.ndarray | list[np.ndarray]]) -> "MinMaxNormalizer":
+    def fit(cls, arrays: dict[str, np.ndarray | list[np.ndarray]], point_channels: int = 3) -> "MinMaxNormalizer":
         """``arrays[key]`` is (..., D), or a list of such parts (read one at a time);
-        for point_cloud only the first 3 channels count."""
+        for point_cloud the first ``point_channels`` channels count (3: xyz, 6: xyz + rgb)."""
+        if point_channels not in (3, 6):
+            raise ValueError(f"point_channels must be 3 or 6, got {point_channels}")
         stats = {}
         for key, parts in arrays.items():
             lo = hi = None
             for a in parts if isinstance(parts, list) else [parts]:
                 a = np.asarray(a)
                 if key == "point_cloud":
-                    a = a[..., :3]
+                    if a.shape[-1] < point_channels:
+                        raise ValueError(f"point_cloud has {a.shape[-1]} channels; {point_channels} asked for")
+                    a = a[..., :point_channels]
                 flat = a.reshape(-1, a.shape[-1])
                 if flat.shape[0] == 0:
                     continue
@@ -61,12 +67,14 @@ class MinMaxNormalizer(nn.Module):
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         lo, scale = self._stats(key)
-        if key == "point_cloud" and x.shape[-1] > 3:
-            return torch.cat([(x[..., :3] - lo) * scale - 1.0, x[..., 3:]], dim=-1)
+        d = lo.shape[0]
+        if key == "point_cloud" and x.shape[-1] > d:
+            return torch.cat([(x[..., :d] - lo) * scale - 1.0, x[..., d:]], dim=-1)
         return (x - lo) * scale - 1.0
 
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         lo, scale = self._stats(key)
-        if key == "point_cloud" and x.shape[-1] > 3:
-            return torch.cat([(x[..., :3] + 1.0) / scale + lo, x[..., 3:]], dim=-1)
+        d = lo.shape[0]
+        if key == "point_cloud" and x.shape[-1] > d:
+            return torch.cat([(x[..., :d] + 1.0) / scale + lo, x[..., d:]], dim=-1)
         return (x + 1.0) / scale + lo

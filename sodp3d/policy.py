@@ -92,13 +92,19 @@ class DiffusionPolicy(nn.Module):
         self.schedule = NoiseSchedule(config.num_train_steps, config.beta_schedule, config.prediction_type)
         self.sampler = self.ddim(config.eta)
         dims = {"action": self.action_dim}
-        for k in self.obs_keys:
-            dims[k] = 3 if k == "point_cloud" else int(meta[k][-1])
+        for k in self.obs_keys:  # point_cloud: xyz, or xyz + rgb when the encoder reads colour
+            dims[k] = self.point_channels if k == "point_cloud" else int(meta[k][-1])
         self.normalizer = normalizer if normalizer is not None else MinMaxNormalizer(dims)
-        if set(self.normalizer.dims) != set(dims):
-            raise UserError(f"normaliser keys {sorted(self.normalizer.dims)} do not match the policy's {sorted(dims)}")
+        if self.normalizer.dims != dims:
+            raise UserError(f"normaliser dims {dict(sorted(self.normalizer.dims.items()))} do not match the "
+                            f"policy's {dict(sorted(dims.items()))}")
 
     # -- helpers -----------------------------------------------------------------------
+    @property
+    def point_channels(self) -> int:
+        """The point-cloud channels the encoder reads and the normaliser scales (3 or 6)."""
+        return int(getattr(self.encoder, "in_channels", 3))
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

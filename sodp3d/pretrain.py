@@ -246,7 +246,9 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
             raise UserError(f"{ckpt} was built with other policy settings ({', '.join(diff)} differ); resume with the same ones")
         normalizer = None
     else:  # fitted once, on rank 0, and sent to the others
-        normalizer = distributed.broadcast(ranks, MinMaxNormalizer.fit(dataset.arrays_for_fit()) if ranks.main else None)
+        channels = 6 if config.encoder_kwargs.get("use_rgb") is True else 3  # colour is normalised too (DP3)
+        normalizer = distributed.broadcast(
+            ranks, MinMaxNormalizer.fit(dataset.arrays_for_fit(), point_channels=channels) if ranks.main else None)
     torch.manual_seed(int(cfg.seed))  # the same seed gives the same initial weights
     policy = DiffusionPolicy(config, normalizer)
     trainer = Trainer(policy, cfg, device, ranks)

@@ -154,6 +154,27 @@ def test_dp3_layers_are_dp3s():
     assert [type(m) for m in enc.agent_pos_mlp] == [nn.Linear, nn.ReLU, nn.Linear]
 
 
+def test_dp3_with_colour_is_dp3s_coloured_network():
+    """use_rgb=True builds DP3's PointNetEncoderXYZRGB: 6-64-128-256 (Linear, LayerNorm,
+    ReLU), then a plain Linear 256-512, max-pool, projection 512-64 with its LayerNorm;
+    212,032 parameters with a 9-dim agent_pos, as DP3's code counts them."""
+    enc = build("dp3", RGB_META, use_rgb=True)
+    assert [type(m) for m in enc.mlp] == [nn.Linear, nn.LayerNorm, nn.ReLU] * 3 + [nn.Linear]
+    assert linears(enc) == [(6, 64), (64, 128), (128, 256), (256, 512), (512, 64), (DP, 64), (64, 64)]
+    assert layernorms(enc) == [64, 128, 256, 64]
+    assert n_params(enc) == 212_032
+    obs = make_obs(RGB_META)
+    m, proj, agent = enc.mlp, enc.final_projection, enc.agent_pos_mlp
+    x = obs["point_cloud"]
+    for i in (0, 3, 6):
+        x = F.relu(F.layer_norm(F.linear(x, m[i].weight, m[i].bias), m[i + 1].normalized_shape,
+                                m[i + 1].weight, m[i + 1].bias))
+    x = F.linear(x, m[9].weight, m[9].bias).max(dim=1).values
+    x = F.layer_norm(F.linear(x, proj[0].weight, proj[0].bias), (64,), proj[1].weight, proj[1].bias)
+    a = F.linear(F.relu(F.linear(obs["agent_pos"], agent[0].weight, agent[0].bias)), agent[2].weight, agent[2].bias)
+    torch.testing.assert_close(enc(obs), torch.cat([x, a], dim=-1))
+
+
 def test_dp3_ablations_drop_the_layernorms():
     no_ln = build("dp3", use_layernorm=False)
     assert layernorms(no_ln) == [64]  # the projection's, which DP3 controls with final_norm
@@ -193,13 +214,13 @@ def _plain_dp3_pool(enc, points):
     return enc.final_projection(enc.mlp(points).max(dim=1).values)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"use_layernorm": False}], ids=["dp3", "no-layernorm"])
+@pytest.mark.parametrize("kwargs", [{}, {"use_layernorm": False}, {"use_rgb": True}], ids=["dp3", "no-layernorm", "rgb"])
 @pytest.mark.parametrize("duplicates", [False, True], ids=["distinct", "tied-points"])
 def test_dp3_training_pass_equals_the_plain_max_pool(kwargs, duplicates):
     """Training backpropagates through each channel's winning points only; the loss and
     every gradient equal those of the plain max-pool (also when points tie: the same
     winner as max's)."""
-    meta = {**SHAPE_META, "point_cloud": (512, 3)}
+    meta = {**SHAPE_META, "point_cloud": (512, 6 if kwargs.get("use_rgb") else 3)}
     obs = make_obs(meta, batch=6)
     if duplicates:  # half of each cloud repeats a few points: channels tie between copies
         obs["point_cloud"][:, 256:] = obs["point_cloud"][:, :8].repeat(1, 32, 1)

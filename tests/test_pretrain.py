@@ -158,6 +158,20 @@ def test_bf16_pretraining_lowers_the_loss_and_keeps_fp32_weights(dataset, tmp_pa
     assert {v.dtype for v in payload["policy"].values() if v.is_floating_point()} == {torch.float32}
 
 
+def test_colour_pretraining_normalises_the_colour_channels(tmp_path):
+    """encoder.use_rgb=true on a coloured dataset: DP3's coloured network, and the
+    normaliser scales rgb per channel over the data (as DP3), not only xyz."""
+    data = tmp_path / "rgb.zarr"
+    assert main(["collect", "task=reach-v3", "episodes=1", f"out={data}", "workers=1", *FAST_ENV,
+                 "env.metaworld.rgb=true"]) == 0
+    assert pretrain(data, tmp_path / "run", "steps=4", "encoder.use_rgb=true") == 0
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.ckpt")["policy"]
+    lo, scale = state["normalizer.point_cloud__min"], state["normalizer.point_cloud__scale"]
+    assert lo.shape == (6,) and scale.shape == (6,)
+    assert ((lo[3:] >= 0) & (lo[3:] <= 1)).all() and (scale[3:] >= 2.0).all()  # colour ranges within [0, 1]
+    assert state["encoder.mlp.9.weight"].shape == (512, 256)  # the coloured network's last layer
+
+
 def test_bad_input(dataset, tmp_path, capsys):
     run = tmp_path / "bad"
     assert pretrain(dataset, run, "steps=2") == 0
