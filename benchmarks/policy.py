@@ -2,12 +2,13 @@
 latency of one action chunk (S DDIM steps) at batch 1 and 8, per U-Net preset.
 
     python benchmarks/policy.py [--presets tiny simple paper] [--device auto] [--seconds 8] [--bf16]
+                                [--points 512] [--batch 256]
 
 On a GPU: `python benchmarks/policy.py --device cuda --presets simple paper --bf16` (the
 paper preset trains with batch 256 there; --bf16 adds a row per preset with the training
 step under bf16 autocast, next to fp32). Peak resident memory of the process is printed.
 
-Meta-World shapes: 512-point clouds, agent_pos 9, action 4, Tp=12, To=2, Ta=8, DP3 encoder,
+Meta-World shapes: 512-point clouds (--points; the demo uses 128 and batch 64), agent_pos 9, action 4, Tp=12, To=2, Ta=8, DP3 encoder,
 S = 10. The loader column is the time to assemble a batch of windows from an in-memory
 dataset, as a share of one training step (it must stay well below 1 to keep up).
 """
@@ -32,16 +33,17 @@ from sodp3d.normalizer import MinMaxNormalizer  # noqa: E402
 from sodp3d.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
 from sodp3d.runs import keep_host_memory, resolve_device  # noqa: E402
 
-META = {"point_cloud": [512, 3], "agent_pos": [9], "state": [39], "action": [4]}
+def meta(points: int) -> dict[str, list[int]]:
+    return {"point_cloud": [points, 3], "agent_pos": [9], "state": [39], "action": [4]}
 
 
-def synthetic_dataset(path: str, episodes: int = 8, length: int = 200) -> None:
+def synthetic_dataset(path: str, points: int = 512, episodes: int = 8, length: int = 200) -> None:
     rng = np.random.default_rng(0)
     writer = EpisodeWriter.create(path, {"tasks": {}})
     for _ in range(episodes):
         writer.append_episode(
             {
-                "point_cloud": rng.uniform(-0.5, 0.5, (length, 512, 3)).astype(np.float32),
+                "point_cloud": rng.uniform(-0.5, 0.5, (length, points, 3)).astype(np.float32),
                 "agent_pos": rng.normal(size=(length, 9)).astype(np.float32),
                 "state": rng.normal(size=(length, 39)).astype(np.float32),
                 "action": rng.uniform(-1, 1, (length, 4)).astype(np.float32),
@@ -67,13 +69,14 @@ def timed(fn, seconds: float, min_runs: int = 3, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
-def bench(preset: str, device: torch.device, data: WindowDataset, seconds: float, bf16: bool = False) -> dict:
+def bench(preset: str, device: torch.device, data: WindowDataset, seconds: float, bf16: bool = False,
+          points: int = 512, batch: int | None = None) -> dict:
     torch.manual_seed(0)
-    config = PolicyConfig(shape_meta=META, horizon=12, n_obs_steps=2, n_action_steps=8, encoder="dp3", unet=preset)
+    config = PolicyConfig(shape_meta=meta(points), horizon=12, n_obs_steps=2, n_action_steps=8, encoder="dp3", unet=preset)
     policy = DiffusionPolicy(config, MinMaxNormalizer.fit(data.arrays_for_fit())).to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
-    batch_size = 256 if (device.type == "cuda" or preset != "paper") else 16
+    batch_size = batch or (256 if (device.type == "cuda" or preset != "paper") else 16)
     rng = np.random.default_rng(0)
     batch = data.sample(batch_size, rng)
 
@@ -107,6 +110,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "simple", "paper"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--points", type=int, default=512, help="points per cloud (the demo: 128)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default 256; the demo: 64)")
     parser.add_argument("--bf16", action="store_true", help="also time the training step under bf16 autocast")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's allocator as it is (pre-training keeps freed host memory; see keep_host_memory)")
@@ -115,12 +120,12 @@ def main() -> None:
     kept = False if args.system_malloc else keep_host_memory()  # as `sodp3d pretrain` does
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.zarr")
-        synthetic_dataset(path)
+        synthetic_dataset(path, args.points)
         data = WindowDataset([path], ["point_cloud", "agent_pos"], 12, 2, 8)
-        rows = [bench(p, device, data, args.seconds, bf16) for p in args.presets
+        rows = [bench(p, device, data, args.seconds, bf16, args.points, args.batch) for p in args.presets
                 for bf16 in ((False, True) if args.bf16 else (False,))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nPolicy speed on {name} (DP3 encoder, 512 points, Tp=12, To=2, Ta=8, S=10 DDIM steps; "
+    print(f"\nPolicy speed on {name} (DP3 encoder, {args.points} points, Tp=12, To=2, Ta=8, S=10 DDIM steps; "
           f"freed host memory kept: {'yes' if kept else 'no'})\n")
     print("| preset | params (M) | train batch | train samples/s | loader / train step | chunk latency b=1 (ms) | chunk latency b=8 (ms) |")
     print("|---|---:|---:|---:|---:|---:|---:|")

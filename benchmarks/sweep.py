@@ -21,12 +21,9 @@ import resource
 import sys
 import tempfile
 import time
-from importlib import import_module
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
-
-from omegaconf import OmegaConf  # noqa: E402
 
 from sodp3d import sweep  # noqa: E402
 from sodp3d.config import compose  # noqa: E402
@@ -46,9 +43,7 @@ def serial(args, root: Path) -> tuple[float, list[float]]:
     t0 = time.perf_counter()
     for r in runs:
         t = time.perf_counter()
-        c = OmegaConf.create(r.cfg)
-        OmegaConf.set_struct(c, True)
-        import_module(sweep.MODULES[r.command]).run(c)
+        sweep.run_one(r.command, r.cfg)
         each.append(time.perf_counter() - t)
     return time.perf_counter() - t0, each
 

@@ -119,16 +119,12 @@ def render(record: dict[str, Any]) -> str:
 def _rollout(cfg: DictConfig, paths: dict[str, Path], task: str) -> dict[str, Path]:
     """The fine-tuned policy's episode on the first fine-tuned task, as GIF, MP4 and HTML."""
     from sodp3d.checkpoint import acting_env_config, policy_from_checkpoint
-    from sodp3d.viz import record_rollout, rollout_gif, rollout_html, rollout_images, rollout_mp4
+    from sodp3d.viz import record_rollout, write_rollout
 
     ft_dir = paths["finetune"] / task if (paths["finetune"] / task).is_dir() else paths["finetune"]
     policy, payload = policy_from_checkpoint(ft_dir / "checkpoints" / "latest.ckpt", device=resolve_device(str(cfg.device)))
     record = record_rollout(policy, task, acting_env_config(cfg.env, payload), int(cfg.viz.seed))
-    run = paths["run"]
-    images = rollout_images(record)  # drawn once for the GIF and the MP4
-    return {"rollout_gif": rollout_gif(record, run / "rollout.gif", images=images),
-            "rollout_mp4": rollout_mp4(record, run / "rollout.mp4", images=images),
-            "rollout_html": rollout_html(record, run / "rollout.html")}
+    return {f"rollout_{kind}": path for kind, path in write_rollout(record, paths["run"] / "rollout").items()}
 
 
 def demo_table(results: dict[str, Any]) -> str:

@@ -181,19 +181,21 @@ class DiffusionPolicy(nn.Module):
         computes every gradient step). Equal to the two calls, with the same draws from
         ``generator``, to float rounding; fewer, larger operations."""
         sampler = sampler or self.sampler
+        x_t, x_next, steps = self._chain_steps(chain, sampler)
         B, S = chain.shape[0], chain.shape[1] - 1
-        if chain.ndim != 4 or S != len(sampler.timesteps):
-            raise UserError(f"denoising chain has shape {tuple(chain.shape)}; expected (B, {len(sampler.timesteps) + 1}, Tp, Da)")
-        self._check_obs(obs)
-        self._check_obs(batch["obs"])
-        cond = self.condition({k: torch.cat([self._tensor(obs[k]), self._tensor(batch["obs"][k])]) for k in self.obs_keys})
+        if batch["obs"] is obs:  # the loss on the chunks' own observations (pl): one encoding serves both
+            cond = self.condition(obs)
+            cond_loss = cond
+        else:
+            self._check_obs(obs)
+            self._check_obs(batch["obs"])
+            both = self.condition({k: torch.cat([self._tensor(obs[k]), self._tensor(batch["obs"][k])])
+                                   for k in self.obs_keys})
+            cond, cond_loss = both[:B], both[B:]
         x0, noise, k = self._noised(batch["action"], generator)
-        x_t = chain[:, :-1].reshape(B * S, *chain.shape[2:])
-        x_next = chain[:, 1:].reshape(B * S, *chain.shape[2:])
-        steps = torch.arange(S, device=chain.device).repeat(B)
-        t_chain = torch.as_tensor(sampler.timesteps, device=chain.device, dtype=torch.long).repeat(B)
+        t_chain = torch.as_tensor(sampler.timesteps, device=chain.device, dtype=torch.long)[steps]
         out = self.model(torch.cat([x_t, self.schedule.add_noise(x0, noise, k)]), torch.cat([t_chain, k]),
-                         torch.cat([cond[:B].repeat_interleave(S, dim=0), cond[B:]]))
+                         torch.cat([cond.repeat_interleave(S, dim=0), cond_loss]))
         chain_out, loss_out = out[: B * S], out[B * S:]
         log_prob = sampler.log_prob_of_step(lambda x, t: chain_out, x_t, x_next, steps).reshape(B, S)
         return log_prob, self.schedule.loss(loss_out, x0, noise)
@@ -230,11 +232,18 @@ class DiffusionPolicy(nn.Module):
         All S steps go through the U-Net as one batch of B * S (GroupNorm and the encoder
         work per sample, so this equals scoring the steps one after another)."""
         sampler = sampler or self.sampler
+        x_t, x_next, steps = self._chain_steps(chain, sampler)
+        B, S = chain.shape[0], chain.shape[1] - 1
+        model_fn = self.denoiser(cond.repeat_interleave(S, dim=0))
+        return sampler.log_prob_of_step(model_fn, x_t, x_next, steps).reshape(B, S)
+
+    @staticmethod
+    def _chain_steps(chain: torch.Tensor, sampler: DDIMSampler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A stored chain (B, S+1, Tp, Da) as B * S transitions: x_t, x_next (B * S, Tp, Da)
+        and each one's step index (B * S,), chain by chain."""
         B, S = chain.shape[0], chain.shape[1] - 1
         if chain.ndim != 4 or S != len(sampler.timesteps):
             raise UserError(f"denoising chain has shape {tuple(chain.shape)}; expected (B, {len(sampler.timesteps) + 1}, Tp, Da)")
         x_t = chain[:, :-1].reshape(B * S, *chain.shape[2:])
         x_next = chain[:, 1:].reshape(B * S, *chain.shape[2:])
-        steps = torch.arange(S, device=chain.device).repeat(B)
-        model_fn = self.denoiser(cond.repeat_interleave(S, dim=0))
-        return sampler.log_prob_of_step(model_fn, x_t, x_next, steps).reshape(B, S)
+        return x_t, x_next, torch.arange(S, device=chain.device).repeat(B)

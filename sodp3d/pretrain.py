@@ -244,13 +244,12 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
         diff = _same_policy(payload["policy_config"], config.to_dict())
         if diff:
             raise UserError(f"{ckpt} was built with other policy settings ({', '.join(diff)} differ); resume with the same ones")
-        normalizer = None
-    else:  # fitted once, on rank 0, and sent to the others
-        channels = 6 if config.encoder_kwargs.get("use_rgb") is True else 3  # colour is normalised too (DP3)
-        normalizer = distributed.broadcast(
-            ranks, MinMaxNormalizer.fit(dataset.arrays_for_fit(), point_channels=channels) if ranks.main else None)
     torch.manual_seed(int(cfg.seed))  # the same seed gives the same initial weights
-    policy = DiffusionPolicy(config, normalizer)
+    policy = DiffusionPolicy(config)
+    if payload is None:  # fitted once, on rank 0, on the channels the encoder reads, and sent to the others
+        fitted = MinMaxNormalizer.fit(dataset.arrays_for_fit(), point_channels=policy.point_channels) \
+            if ranks.main else None
+        policy.normalizer.load_state_dict(distributed.broadcast(ranks, fitted).state_dict())
     trainer = Trainer(policy, cfg, device, ranks)
     if payload is not None:
         trainer.load(payload)

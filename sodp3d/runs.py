@@ -39,7 +39,8 @@ def keep_host_memory() -> bool:
     stay there (up to 1 GB of free heap is kept), so the next step reuses them. The
     resident memory stays at what the largest steps needed (higher than with the default
     allocator, which gives blocks back between steps: +650 MB in the 512-point
-    benchmark); it does not grow with the number of steps (tests/test_host_memory.py)."""
+    benchmark); it settles within some tens of steps and then does not grow with the number
+    of steps (tests/test_host_memory.py)."""
     global _HOST_MEMORY_KEPT
     if _HOST_MEMORY_KEPT:
         return True

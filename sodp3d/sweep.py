@@ -33,9 +33,8 @@ from sodp3d.config import stage_config
 from sodp3d.errors import UserError
 from sodp3d.files import write_text_atomic
 
-MODULES = {"collect": "sodp3d.envs.collect", "pretrain": "sodp3d.pretrain", "finetune": "sodp3d.finetune",
-           "eval": "sodp3d.evaluate"}
-STAGES = tuple(MODULES)
+STAGES = ("collect", "pretrain", "finetune", "eval")  # the commands a sweep schedules (sodp3d.cli.COMMANDS)
+STATES = ("done", "running", "failed", "pending")
 
 
 @dataclass
@@ -223,29 +222,35 @@ def is_done(run: Run) -> bool:
 
 # ---------------------------------------------------------------------------------------
 # The engine: Ray
-def _execute(command: str, cfg: dict[str, Any], run_id: str, tracker, *needs: Any) -> dict[str, Any]:
-    """One run, inside a Ray worker: the command's own function on its config."""
-    from importlib import import_module
+def run_one(command: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """One run as the user would run it by hand: the command's ``run`` on its whole config."""
+    from sodp3d.cli import COMMANDS
 
-    tracker.started.remote(run_id, time.time())
-    t0 = time.perf_counter()
     c = OmegaConf.create(cfg)
     OmegaConf.set_struct(c, True)
-    import_module(MODULES[command]).run(c)
+    return COMMANDS[command].load().run(c)
+
+
+def _execute(command: str, cfg: dict[str, Any], run_id: str, tracker, *needs: Any) -> dict[str, Any]:
+    """One run, inside a Ray worker (``needs``: the results of the runs it reads, so Ray
+    starts it after them)."""
+    tracker.started.remote(run_id)
+    t0 = time.perf_counter()
+    run_one(command, cfg)
     return {"seconds": time.perf_counter() - t0}
 
 
 class _Tracker:
-    """Collects when runs start, every attempt (a Ray actor: workers tell it, the driver reads it)."""
+    """Counts the attempts of each run (a Ray actor: workers tell it, the driver reads it)."""
 
     def __init__(self):
-        self.starts: dict[str, list[float]] = {}
+        self.attempts: dict[str, int] = {}
 
-    def started(self, run_id: str, when: float) -> None:
-        self.starts.setdefault(run_id, []).append(when)
+    def started(self, run_id: str) -> None:
+        self.attempts[run_id] = self.attempts.get(run_id, 0) + 1
 
     def snapshot(self) -> dict[str, int]:
-        return {run_id: len(times) for run_id, times in self.starts.items()}
+        return dict(self.attempts)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -306,8 +311,12 @@ def _error_line(e: BaseException) -> str:
     return text if isinstance(cause, UserError) else f"{type(cause).__name__}: {text}"[:500]
 
 
+def _counts(runs: list[Run]) -> dict[str, int]:
+    return {s: sum(r.state == s for r in runs) for s in STATES}
+
+
 def _write_state(path: Path, cfg: DictConfig, runs: list[Run], t0: float) -> None:
-    counts = {s: sum(r.state == s for r in runs) for s in ("done", "running", "failed", "pending")}
+    counts = _counts(runs)
     write_text_atomic(path, json.dumps({"experiment": str(cfg.name), "seconds": time.time() - t0, "counts": counts,
                                         "runs": [r.row() for r in runs]}, indent=2))
 
@@ -376,8 +385,7 @@ def execute(cfg: DictConfig, runs: list[Run], out: Path) -> dict[str, int]:
                         by_id[rid].state, changed = "running", True
                 if changed:
                     _write_state(state_file, cfg, runs, t0)
-                    counts = {s: sum(x.state == s for x in runs) for s in ("done", "running", "failed", "pending")}
-                    bar.set_postfix(counts)
+                    bar.set_postfix(_counts(runs))
         finally:
             bar.close()
     finally:

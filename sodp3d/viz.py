@@ -240,6 +240,23 @@ def rollout_mp4(record: RolloutRecord, path: str | Path, fps: float = 4.0, size:
     return Path(path)
 
 
+def write_rollout(record: RolloutRecord, stem: Path, fps: float = 4.0, mp4: bool = True,
+                  html: bool = True) -> dict[str, Path]:
+    """The rollout's views next to each other: ``<stem>.gif``, ``.mp4`` (the same frames,
+    drawn once) and ``.html``; returns them by kind."""
+    images = rollout_images(record)
+
+    def named(ext: str) -> Path:  # a stem may hold dots, so no with_suffix
+        return stem.parent / f"{stem.name}.{ext}"
+
+    files = {"gif": rollout_gif(record, named("gif"), fps=fps, images=images)}
+    if mp4:
+        files["mp4"] = rollout_mp4(record, named("mp4"), fps=fps, images=images)
+    if html:
+        files["html"] = rollout_html(record, named("html"))
+    return files
+
+
 def rollout_html(record: RolloutRecord, path: str | Path) -> Path:
     """An interactive page: the cloud and paths per decision, a slider and a play button."""
     import plotly.graph_objects as go
@@ -390,13 +407,9 @@ def run(cfg) -> dict[str, Any]:
         for e in range(n):
             seed = int(cfg.seed) + e
             record = record_rollout(policy, task, env_cfg, seed)
-            stem = f"{task}-seed{seed}"
-            images = rollout_images(record)  # drawn once for the GIF and the MP4
-            files.append(str(rollout_gif(record, out / f"{stem}.gif", fps=float(cfg.fps), images=images)))
-            if cfg.get("mp4", True):
-                files.append(str(rollout_mp4(record, out / f"{stem}.mp4", fps=float(cfg.fps), images=images)))
-            if cfg.get("html", True):
-                files.append(str(rollout_html(record, out / f"{stem}.html")))
+            written = write_rollout(record, out / f"{task}-seed{seed}", float(cfg.fps), bool(cfg.get("mp4", True)),
+                                    bool(cfg.get("html", True)))
+            files += [str(f) for f in written.values()]
             rows.append({"task": task, "seed": seed, "steps": record.steps, "success": record.success,
                          "return": record.ret})
     return {"kind": "viz", "view": "rollout", "files": files, "rows": rows}

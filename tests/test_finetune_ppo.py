@@ -197,6 +197,13 @@ def _poison(ro: Rollout, what: str) -> None:
         raise ValueError(what)
 
 
+def _update_raises_and_keeps_the_weights(ft: FineTuner, ro: Rollout) -> None:
+    before = params(ft.policy)
+    with pytest.raises(FloatingPointError):
+        ft.update(ro, episodes=1)
+    assert_same_params(before, ft.policy)
+
+
 @pytest.mark.parametrize("what", ["reward_nan", "obs_inf", "chain_nan"])
 def test_non_finite_rollout_raises_and_keeps_the_weights(what):
     policy = make_policy(7)
@@ -204,10 +211,7 @@ def test_non_finite_rollout_raises_and_keeps_the_weights(what):
     gen = torch.Generator().manual_seed(5)
     ro, _ = sample_rollout(ft, random_obs(16, gen), gen)
     _poison(ro, what)
-    before = params(policy)
-    with pytest.raises(FloatingPointError):
-        ft.update(ro, episodes=1)
-    assert_same_params(before, policy)
+    _update_raises_and_keeps_the_weights(ft, ro)
 
 
 @pytest.mark.parametrize("what", ["one_obs_inf", "one_reward_nan_unnormalised"])
@@ -227,17 +231,19 @@ def test_one_poisoned_chunk_raises_before_any_step(what):
         ro.obs["state"][bad, 1, 0] = float("inf")
     else:
         ro.reward[bad] = float("nan")
-    before = params(policy)
-    with pytest.raises(FloatingPointError):
-        ft.update(ro, episodes=1)
-    assert_same_params(before, policy)
+    _update_raises_and_keeps_the_weights(ft, ro)
 
 
+ENCODER_KEYS = {"dp3": ("point_cloud", "agent_pos"), "state": ("state",)}  # what each normaliser fits
+
+
+@pytest.mark.parametrize("reg", ["bc", "pl"])
 @pytest.mark.parametrize("encoder", ["dp3", "state"])
-def test_one_pass_for_the_ppo_and_bc_terms_equals_two(encoder):
+def test_one_pass_for_the_ppo_and_bc_terms_equals_two(encoder, reg):
     """The update's shared pass (one encoder call over the PPO chunks' and the BC windows'
-    observations, one U-Net call over both) gives the separate passes' log-probs, loss
-    and gradients, with the same draws of noise and diffusion steps."""
+    observations, one U-Net call over both; PL's loss reads the chunks' own observations,
+    encoded once) gives the separate passes' log-probs, loss and gradients, with the same
+    draws of noise and diffusion steps."""
     from sodp3d.normalizer import MinMaxNormalizer
     from sodp3d.policy import PolicyConfig
 
@@ -257,7 +263,10 @@ def test_one_pass_for_the_ppo_and_bc_terms_equals_two(encoder):
     ppo_obs = obs(5)
     with torch.no_grad():
         chains = policy.sample_chain(ppo_obs, sampler, gen).chain
-    batch = {"obs": obs(7), "action": torch.rand(7, Tp, Da, generator=gen) * 2 - 1}
+    if reg == "bc":  # windows of the target buffer
+        batch = {"obs": obs(7), "action": torch.rand(7, Tp, Da, generator=gen) * 2 - 1}
+    else:  # the chunks' own samples, as PLRegulariser.denoising_batch gives them
+        batch = {"obs": ppo_obs, "action": policy.normalizer.unnormalize("action", chains[:, -1])}
     weights = torch.randn(5, 1, generator=gen)
 
     def run(shared: bool):
@@ -279,5 +288,3 @@ def test_one_pass_for_the_ppo_and_bc_terms_equals_two(encoder):
     for name in grads_2:
         torch.testing.assert_close(grads_1[name], grads_2[name], rtol=1e-4, atol=1e-6, msg=name)
 
-
-ENCODER_KEYS = {"dp3": ("point_cloud", "agent_pos"), "state": ("state",)}
