@@ -70,6 +70,17 @@ if ! "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
   fi
 fi
 
+# torchvision (the image encoder's ResNet) must be the release built against the torch
+# that is there: 0.(minor + 15), e.g. torch 2.13 -> torchvision 0.28. Installed with
+# --no-deps so it can never pull another torch. PyPI has no CPU build of it: on a CPU
+# torch its C++ ops (nms, roi_align) do not load, which the image encoder does not need
+# (encoders/image.py imports it accordingly).
+if ! "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("torchvision")' >/dev/null 2>&1; then
+  tv=$("$VENV/bin/python" -c 'import torch; v = torch.__version__.split("+")[0].split("."); print(f"0.{int(v[1]) + 15}.*")')
+  say "installing torchvision==$tv (matching torch)"
+  "${PIP[@]}" install -q --no-deps "torchvision==$tv"
+fi
+
 extra=cpu; [ "$device" = cuda ] && extra=gpu
 say "installing sodp3d (editable, extras: $extra,test)"
 "${PIP[@]}" install -q -e ".[$extra,test]"
