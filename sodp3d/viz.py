@@ -7,10 +7,16 @@
   (matplotlib, Agg), the same frames as an MP4 (imageio-ffmpeg), and as an interactive
   plotly page (the cloud can be turned by hand; offline, the
   plotly library is embedded).
+* ``rollout_rrd``: the same episode as a Rerun recording (``.rrd``, rerun-sdk): the cloud
+  at every decision, the executed and predicted hand paths, actions, rewards and success
+  as time series, all on the ``step`` timeline. Written to a file, never streamed to a
+  viewer unless asked (``spawn``).
 * ``dataset_figure``: some episodes of a zarr dataset, three moments each, with their
-  end-effector path and whether they succeeded.
+  end-effector path and whether they succeeded; ``dataset_rrd``: those episodes as Rerun
+  recordings, every step.
 
-Shapes: N points, C = 3 (xyz) or 6 (xyz, RGB in [0, 1]); T steps; Tp predicted steps.
+Shapes: N points, C = 3 (xyz) or 6 (xyz, RGB in [0, 1]); T steps; Tp predicted steps; Da
+action dims.
 Points are coloured by height, or by their recorded colour when C = 6.
 """
 
@@ -43,6 +49,9 @@ class RolloutRecord:
     seed: int
     frames: list[Frame] = field(default_factory=list)
     executed: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (T + 1, 3)
+    actions: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))   # (T, Da) executed, step by step
+    rewards: np.ndarray = field(default_factory=lambda: np.zeros(0))        # (T,)
+    successes: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (T,) the env's flag at each step
     success: bool = False
     ret: float = 0.0
     crop: tuple[np.ndarray, np.ndarray] | None = None  # finite (low, high) of the crop box, if any
@@ -57,20 +66,24 @@ class RolloutRecord:
 
 
 class _PathRecorder(gym.Wrapper):
-    """Records the end-effector position after reset and after every step."""
+    """Records the end-effector position after reset and after every step, and every
+    step's action, reward and success flag."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
         self.path: list[np.ndarray] = []
+        self.steps: list[tuple[np.ndarray, float, bool]] = []
 
     def reset(self, **kwargs):
         out = self.env.reset(**kwargs)
         self.path = [self.env.unwrapped.end_effector()]
+        self.steps = []
         return out
 
     def step(self, action):
         out = self.env.step(action)
         self.path.append(self.env.unwrapped.end_effector())
+        self.steps.append((np.asarray(action, np.float32), float(out[1]), bool(out[4].get("success", False))))
         return out
 
 
@@ -117,6 +130,10 @@ def record_rollout(policy, task: str, env_cfg=None, seed: int = 0, generator=Non
     finally:
         env.close()
     record.executed = np.stack(recorder.path)
+    if recorder.steps:
+        record.actions = np.stack([a for a, _, _ in recorder.steps])
+        record.rewards = np.array([r for _, r, _ in recorder.steps], np.float32)
+        record.successes = np.array([ok for _, _, ok in recorder.steps], bool)
     return record
 
 
@@ -240,21 +257,129 @@ def rollout_mp4(record: RolloutRecord, path: str | Path, fps: float = 4.0, size:
     return Path(path)
 
 
-def write_rollout(record: RolloutRecord, stem: Path, fps: float = 4.0, mp4: bool = True,
-                  html: bool = True) -> dict[str, Path]:
+ROLLOUT_FORMATS = ("gif", "mp4", "html", "rerun")
+DATA_FORMATS = ("png", "rerun")
+DEFAULT_FORMATS = {"rollout": ("gif", "mp4", "html"), "data": ("png",)}
+_EXTENSIONS = {"gif": "gif", "mp4": "mp4", "html": "html", "rerun": "rrd"}
+
+
+def parse_formats(value: Any, view: str) -> tuple[str, ...]:
+    """The formats to write for a ``view`` ('rollout' or 'data'): a name, a list or a
+    comma-separated string of them, ``all``, or None (the view's defaults)."""
+    valid = ROLLOUT_FORMATS if view == "rollout" else DATA_FORMATS
+    if value is None:
+        return DEFAULT_FORMATS[view]
+    items = [value] if isinstance(value, str) else list(value)
+    names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+    if "all" in names:
+        return valid
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        what = "a rollout" if view == "rollout" else "a dataset view"
+        raise UserError(f"unknown format '{','.join(bad) or value}' for {what}; valid: {', '.join(valid)}, all")
+    return tuple(n for n in valid if n in names)
+
+
+def write_rollout(record: RolloutRecord, stem: Path, fps: float = 4.0,
+                  formats: tuple[str, ...] = DEFAULT_FORMATS["rollout"]) -> dict[str, Path]:
     """The rollout's views next to each other: ``<stem>.gif``, ``.mp4`` (the same frames,
-    drawn once) and ``.html``; returns them by kind."""
-    images = rollout_images(record)
+    drawn once), ``.html`` and ``.rrd`` (Rerun), those in ``formats``; returns them by kind."""
 
-    def named(ext: str) -> Path:  # a stem may hold dots, so no with_suffix
-        return stem.parent / f"{stem.name}.{ext}"
+    def named(kind: str) -> Path:  # a stem may hold dots, so no with_suffix
+        return stem.parent / f"{stem.name}.{_EXTENSIONS[kind]}"
 
-    files = {"gif": rollout_gif(record, named("gif"), fps=fps, images=images)}
-    if mp4:
+    images = rollout_images(record) if {"gif", "mp4"} & set(formats) else None
+    files = {}
+    if "gif" in formats:
+        files["gif"] = rollout_gif(record, named("gif"), fps=fps, images=images)
+    if "mp4" in formats:
         files["mp4"] = rollout_mp4(record, named("mp4"), fps=fps, images=images)
-    if html:
+    if "html" in formats:
         files["html"] = rollout_html(record, named("html"))
+    if "rerun" in formats:
+        files["rerun"] = rollout_rrd(record, named("rerun"))
     return files
+
+
+# ---------------------------------------------------------------------------------------
+# Rerun recordings
+RERUN_APP = "sodp3d"
+TIMELINE = "step"  # env steps since reset
+
+
+def _rgb8(cloud: np.ndarray, zlim: tuple[float, float]) -> np.ndarray:
+    """(N, 3) uint8: the GIF's colours (recorded RGB, or height through viridis)."""
+    return np.round(255 * _colours(cloud, zlim)[:, :3]).astype(np.uint8)
+
+
+def _write_rrd(path: str | Path, name: str, clouds: list[tuple[int, np.ndarray]], zlim: tuple[float, float],
+               executed: np.ndarray | None, predicted: list[tuple[int, np.ndarray | None]],
+               actions: np.ndarray | None, rewards: np.ndarray | None, successes: np.ndarray | None,
+               summary: str) -> Path:
+    """One episode as a Rerun recording on the ``step`` timeline, written atomically.
+
+    ``clouds``: (step, (N, C) cloud) pairs; ``executed``: (T + 1, 3) or (T, 3) hand
+    positions, row t at step t (the path so far is logged at every step);
+    ``predicted``: (step, (K, 3) path) pairs; ``actions`` (T, Da), ``rewards`` (T,),
+    ``successes`` (T,): row t at step t."""
+    import uuid
+
+    import rerun as rr
+
+    with atomic_write(path) as tmp:
+        rec = rr.RecordingStream(RERUN_APP, recording_id=uuid.uuid4(), send_properties=False)
+        rec.set_log_time_enabled(False)  # the step timeline alone: the same episode gives the same file
+        rec.save(tmp)
+        rec.send_recording_name(name)
+        rec.log("world", rr.ViewCoordinates.RIGHT_HAND_Z_UP, static=True)
+        rec.log("summary", rr.TextDocument(summary, media_type=rr.MediaType.MARKDOWN), static=True)
+        if actions is not None and actions.size:
+            rec.log("action", rr.SeriesLines(names=[f"a{i}" for i in range(actions.shape[1])]), static=True)
+        for step, cloud in clouds:
+            rec.set_time(TIMELINE, sequence=int(step))
+            rec.log("world/point_cloud", rr.Points3D(cloud[:, :3], colors=_rgb8(cloud, zlim), radii=0.004))
+        for step, path_ in predicted:
+            if path_ is not None and len(path_):
+                rec.set_time(TIMELINE, sequence=int(step))
+                rec.log("world/hand/predicted", rr.LineStrips3D([path_], colors=[[255, 140, 0]], radii=0.002))
+        if executed is not None:
+            for t in range(len(executed)):
+                rec.set_time(TIMELINE, sequence=t)
+                rec.log("world/hand/executed", rr.LineStrips3D([executed[: t + 1]], colors=[[220, 20, 60]], radii=0.003))
+        for t in range(0 if actions is None else len(actions)):
+            rec.set_time(TIMELINE, sequence=t)
+            rec.log("action", rr.Scalars(actions[t]))
+        for t in range(0 if rewards is None else len(rewards)):
+            rec.set_time(TIMELINE, sequence=t)
+            rec.log("reward", rr.Scalars(float(rewards[t])))
+        for t in range(0 if successes is None else len(successes)):
+            rec.set_time(TIMELINE, sequence=t)
+            rec.log("success", rr.Scalars(float(successes[t])))
+        rec.flush()
+        rec.disconnect()  # closes the file, footer written
+    return Path(path)
+
+
+def rollout_rrd(record: RolloutRecord, path: str | Path) -> Path:
+    """The rollout as a Rerun recording: the cloud at every decision (coloured as in the
+    GIF), the executed hand path at every step and the predicted one at every decision,
+    actions, rewards and success at every step; written atomically."""
+    if not record.frames:
+        raise UserError("the rollout has no frames")
+    low, high = record.limits()
+    summary = (f"**{record.task}**, seed {record.seed}: {'success' if record.success else 'failure'}, "
+               f"return {record.ret:.1f}, {record.steps} steps")
+    return _write_rrd(path, f"{record.task} seed {record.seed}", [(f.step, f.cloud) for f in record.frames],
+                      (low[2], high[2]), record.executed, [(f.step, f.predicted) for f in record.frames],
+                      record.actions, record.rewards, record.successes, summary)
+
+
+def open_viewer(files: list[str | Path]) -> None:
+    """Opens the Rerun viewer on ``files`` (a separate process; needs a display)."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-m", "rerun", *map(str, files)], start_new_session=True)
 
 
 def rollout_html(record: RolloutRecord, path: str | Path) -> Path:
@@ -320,14 +445,9 @@ def pick_episodes(tasks: list[str] | None, n_episodes: int, count: int) -> list[
     return sorted(picked)
 
 
-def dataset_figure(data_path: str | Path, path: str | Path, episodes: int = 6, moments: int = 3) -> tuple[Path, list[dict]]:
-    """A PNG grid: rows are episodes, columns moments of the episode (first to last step);
-    returns the file and one row per episode shown (index, task, steps, success, return)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+def _shown_episodes(data_path: str | Path, episodes: int):
+    """(the dataset, the episodes shown, one row per episode: index, task, steps, success, return)."""
     from sodp3d.data.store import EpisodeDataset
-    from sodp3d.envs.tasks import suite_of
 
     data = EpisodeDataset(data_path)
     if data.n_episodes == 0:
@@ -339,23 +459,43 @@ def dataset_figure(data_path: str | Path, path: str | Path, episodes: int = 6, m
     success = data.episode_info("success")
     returns = data.episode_info("return")
     rows = []
-    fig = Figure(figsize=(3.2 * moments, 3.0 * len(chosen)), dpi=80)
-    canvas = FigureCanvasAgg(fig)
-    for r, i in enumerate(chosen):
-        ep = data.episode(int(i), ["point_cloud", "agent_pos"])
-        T = len(ep["point_cloud"])
-        task = tasks[i] if tasks is not None else "?"
-        ok = None if success is None else bool(success[i])
-        rows.append({"episode": int(i), "task": task, "steps": T, "success": ok,
+    for i in chosen:
+        i = int(i)
+        rows.append({"episode": i, "task": tasks[i] if tasks is not None else "?",
+                     "steps": int(data.episode_ends[i] - data.episode_starts()[i]),
+                     "success": None if success is None else bool(success[i]),
                      "return": None if returns is None else float(returns[i])})
-        try:
-            ee = ep["agent_pos"][:, :3] if suite_of(task) == "metaworld" else None
-        except UserError:
-            ee = None
+    return data, rows
+
+
+def _hand_path(ep: dict[str, np.ndarray], task: str) -> np.ndarray | None:
+    """The episode's hand positions (Meta-World's agent_pos starts with them), or None."""
+    from sodp3d.envs.tasks import suite_of
+
+    try:
+        return ep["agent_pos"][:, :3] if "agent_pos" in ep and suite_of(task) == "metaworld" else None
+    except UserError:
+        return None
+
+
+def dataset_figure(data_path: str | Path, path: str | Path, episodes: int = 6, moments: int = 3) -> tuple[Path, list[dict]]:
+    """A PNG grid: rows are episodes, columns moments of the episode (first to last step);
+    returns the file and one row per episode shown (index, task, steps, success, return)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    data, rows = _shown_episodes(data_path, episodes)
+    fig = Figure(figsize=(3.2 * moments, 3.0 * len(rows)), dpi=80)
+    canvas = FigureCanvasAgg(fig)
+    for r, row in enumerate(rows):
+        i, task, ok = row["episode"], row["task"], row["success"]
+        ep = data.episode(i, [k for k in ("point_cloud", "agent_pos") if k in data.keys])
+        T = len(ep["point_cloud"])
+        ee = _hand_path(ep, task)
         at = np.linspace(0, T - 1, num=moments, dtype=int)
         lim = _limits([ep["point_cloud"][t] for t in at], [ee], None)
         for c, t in enumerate(at):
-            ax = fig.add_subplot(len(chosen), moments, r * moments + c + 1, projection="3d")
+            ax = fig.add_subplot(len(rows), moments, r * moments + c + 1, projection="3d")
             verdict = {None: "success unknown", True: "success", False: "failure"}[ok]
             title = f"ep {i} {task}: {verdict}\nstep {t}/{T}" if c == 0 else f"step {t}/{T}"
             _draw(ax, ep["point_cloud"][t], lim, None if ee is None else ee[: t + 1], None, title)
@@ -364,6 +504,26 @@ def dataset_figure(data_path: str | Path, path: str | Path, episodes: int = 6, m
     with atomic_write(path) as tmp:
         fig.savefig(tmp)
     return Path(path), rows
+
+
+def dataset_rrd(data_path: str | Path, out: str | Path, episodes: int = 6) -> tuple[list[Path], list[dict]]:
+    """The episodes ``dataset_figure`` shows, each as a Rerun recording ``<out>/episode-<i>.rrd``:
+    the cloud at every step, the hand path (Meta-World), actions, rewards and success;
+    returns the files and one row per episode."""
+    data, rows = _shown_episodes(data_path, episodes)
+    files = []
+    for row in rows:
+        i, task = row["episode"], row["task"]
+        ep = data.episode(i, [k for k in ("point_cloud", "agent_pos", "action", "reward", "success") if k in data.keys])
+        clouds = ep["point_cloud"]
+        ee = _hand_path(ep, task)
+        low, high = _limits([clouds[t] for t in range(len(clouds))], [ee], None)
+        verdict = {None: "success unknown", True: "success", False: "failure"}[row["success"]]
+        summary = f"**{Path(str(data_path)).name}**, episode {i} ({task}): {verdict}, {len(clouds)} steps"
+        files.append(_write_rrd(Path(out) / f"episode-{i}.rrd", f"{task} episode {i}", list(enumerate(clouds)),
+                                (low[2], high[2]), ee, [], ep.get("action"), ep.get("reward"), ep.get("success"),
+                                summary))
+    return files, rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -377,17 +537,28 @@ def run(cfg) -> dict[str, Any]:
     if has_data:
         data = Path(str(cfg.data))
         out = Path(str(cfg.out)) if cfg.get("out") else data.parent / f"{data.stem}-viz"
+        formats = parse_formats(cfg.get("format"), "data")
+        _check_spawn(cfg, formats)
         n = int(cfg.episodes) if cfg.get("episodes") is not None else 6
         if n <= 0:
             raise UserError(f"episodes must be a positive integer, got {n}")
-        png, rows = dataset_figure(data, out / "episodes.png", n)
-        return {"kind": "viz", "view": "data", "files": [str(png)], "rows": rows}
+        files = []
+        if "png" in formats:
+            png, rows = dataset_figure(data, out / "episodes.png", n)
+            files.append(png)
+        if "rerun" in formats:
+            rrds, rows = dataset_rrd(data, out, n)
+            files += rrds
+        _maybe_view(cfg, files)
+        return {"kind": "viz", "view": "data", "files": [str(f) for f in files], "rows": rows}
 
     from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_checkpoint
     from sodp3d.envs import resolve_tasks
     from sodp3d.evaluate import check_policy_fits
     from sodp3d.runs import resolve_device
 
+    formats = parse_formats(cfg.get("format"), "rollout")
+    _check_spawn(cfg, formats)
     ckpt = checkpoint_path(cfg.ckpt)
     policy, payload = policy_from_checkpoint(ckpt, device=resolve_device(str(cfg.device)), use_ema=bool(cfg.use_ema))
     env_cfg = acting_env_config(cfg.env, payload)
@@ -407,12 +578,23 @@ def run(cfg) -> dict[str, Any]:
         for e in range(n):
             seed = int(cfg.seed) + e
             record = record_rollout(policy, task, env_cfg, seed)
-            written = write_rollout(record, out / f"{task}-seed{seed}", float(cfg.fps), bool(cfg.get("mp4", True)),
-                                    bool(cfg.get("html", True)))
+            written = write_rollout(record, out / f"{task}-seed{seed}", float(cfg.fps), formats)
             files += [str(f) for f in written.values()]
             rows.append({"task": task, "seed": seed, "steps": record.steps, "success": record.success,
                          "return": record.ret})
+    _maybe_view(cfg, [f for f in files if f.endswith(".rrd")])
     return {"kind": "viz", "view": "rollout", "files": files, "rows": rows}
+
+
+def _check_spawn(cfg, formats: tuple[str, ...]) -> None:
+    if cfg.get("spawn", False) and "rerun" not in formats:
+        raise UserError("spawn=true opens the Rerun viewer on the recordings written; add format=rerun")
+
+
+def _maybe_view(cfg, files: list) -> None:
+    """``spawn=true`` opens the Rerun viewer on the recordings written; nothing is opened otherwise."""
+    if cfg.get("spawn", False):
+        open_viewer([f for f in files if str(f).endswith(".rrd")])
 
 
 def render(record: dict[str, Any]) -> str:
