@@ -2,7 +2,10 @@
 
 Contents: format tag and version, the policy config (shapes, horizons, encoder, U-Net,
 schedule), the policy weights (normaliser included), EMA weights, optimiser and LR
-scheduler states, the step count, RNG states, and the run's config.
+scheduler states, the step count, RNG states, and the run's config. A pre-training
+checkpoint also records the frame its training clouds were in (``cloud_frame``: "world",
+or "dp3" for a DP3-layout store); acting in sodp3d's environments with a policy trained
+in another frame is refused unless asked (``refuse_foreign_frame``).
 
 Writes are atomic (a temporary file in the same folder, fsync, rename), so a kill
 leaves either the previous checkpoint or the new one, never half of one.
@@ -135,3 +138,16 @@ def acting_env_config(env_cfg: Any, payload: dict[str, Any]) -> Any:
                     if k != "tasks" and isinstance(entry, dict):
                         entry.pop(k, None)
     return OmegaConf.merge(OmegaConf.create(trained), changed)
+
+
+def refuse_foreign_frame(payload: dict[str, Any], allow: bool, source: str) -> None:
+    """A UserError when the checkpoint's policy was trained on clouds in another frame than
+    the world frame sodp3d's environments observe (a DP3-layout store), unless ``allow``."""
+    from sodp3d.data.store import FRAME_NOTES, WORLD_FRAME
+
+    frame = str(payload.get("cloud_frame") or WORLD_FRAME)
+    if frame == WORLD_FRAME or allow:
+        return
+    raise UserError(f"{source} was trained on clouds in {FRAME_NOTES.get(frame, frame)}, not the world frame "
+                    "sodp3d's environments observe, so its policy would act on clouds in a frame it never saw; "
+                    "pass allow_foreign_frame=true to use it anyway")

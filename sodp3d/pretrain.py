@@ -200,6 +200,29 @@ def _record_data_settings(cfg: DictConfig, paths: list[str]) -> None:
             cfg.env = with_recorded_settings(cfg.get("env"), recorded)
 
 
+def _cloud_frame(cfg: DictConfig, dataset: WindowDataset, main: bool) -> str:
+    """The frame of the training clouds ("world", or "dp3" when any store is in DP3's
+    layout), said in one line per DP3 store; periodic evaluation in sodp3d's environments
+    on such clouds is refused unless ``allow_foreign_frame``."""
+    import sys
+
+    from sodp3d.data.store import DP3_FRAME, FRAME_NOTES, WORLD_FRAME
+
+    frames = {s["data"].cloud_frame for s in dataset.sources}
+    if "point_cloud" not in dataset.obs_keys or frames == {WORLD_FRAME}:
+        return WORLD_FRAME
+    if int(cfg.eval.every) > 0 and not cfg.get("allow_foreign_frame", False):
+        raise UserError("periodic evaluation acts in sodp3d's environments (world-frame clouds), but these data's "
+                        f"clouds are in {FRAME_NOTES[DP3_FRAME]}; set eval.every=0, or allow_foreign_frame=true")
+    for s in dataset.sources:
+        data = s["data"]
+        if data.cloud_frame != WORLD_FRAME and main:
+            colour = "; its 0-255 colour is read in [0, 1]" if data.colour_scaled else ""
+            print(f"sodp3d pretrain: {data.path} is in DP3's layout: its clouds are in {FRAME_NOTES[data.cloud_frame]}, "
+                  f"not sodp3d's world frame{colour}", file=sys.stderr)
+    return DP3_FRAME
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Pre-trains on ``cfg.data`` into ``cfg.out``; returns the record (also ``<out>/results.json``).
     Under torchrun every process runs this; rank 0 alone writes (see sodp3d.distributed)."""
@@ -233,6 +256,7 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
     suite = _suite_of_data(paths)
     _record_data_settings(cfg, paths)
     dataset = WindowDataset(paths, ENCODERS[enc_name].keys, *horizons(cfg, suite))
+    cloud_frame = _cloud_frame(cfg, dataset, ranks.main)
     shape_meta = {k: list(v) for k, v in dataset.shapes.items()}
     config = policy_config(cfg, shape_meta, suite)
 
@@ -247,8 +271,8 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
     torch.manual_seed(int(cfg.seed))  # the same seed gives the same initial weights
     policy = DiffusionPolicy(config)
     if payload is None:  # fitted once, on rank 0, on the channels the encoder reads, and sent to the others
-        fitted = MinMaxNormalizer.fit(dataset.arrays_for_fit(), point_channels=policy.point_channels) \
-            if ranks.main else None
+        fitted = MinMaxNormalizer.fit({k: v for k, v in dataset.arrays_for_fit().items() if k in policy.normalizer.dims},
+                                      point_channels=policy.point_channels) if ranks.main else None
         policy.normalizer.load_state_dict(distributed.broadcast(ranks, fitted).state_dict())
     trainer = Trainer(policy, cfg, device, ranks)
     if payload is not None:
@@ -281,7 +305,7 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
         if not ranks.main:
             return
         save_checkpoint(ckpt, {"policy_config": config.to_dict(), "train_config": OmegaConf.to_container(cfg, resolve=True),
-                               "data": paths, **trainer.state()})
+                               "data": paths, "cloud_frame": cloud_frame, **trainer.state()})
 
     bar = tqdm(total=steps, initial=trainer.step, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not ranks.main)
@@ -315,7 +339,7 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
     record = {"kind": "pretrain", "run": str(run), "checkpoint": str(ckpt), "data": paths, "seed": int(cfg.seed),
               "encoder": config.encoder, "unet": config.unet, "steps": trainer.step, "params": n_params,
               "windows": len(dataset), "loss": last_loss, "seconds": time.perf_counter() - t0,
-              "processes": ranks.world}
+              "processes": ranks.world, "cloud_frame": cloud_frame}
     if ranks.main:
         write_results(run, record, _table(record))
     return record

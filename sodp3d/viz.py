@@ -552,7 +552,7 @@ def run(cfg) -> dict[str, Any]:
         _maybe_view(cfg, files)
         return {"kind": "viz", "view": "data", "files": [str(f) for f in files], "rows": rows}
 
-    from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_checkpoint
+    from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_checkpoint, refuse_foreign_frame
     from sodp3d.envs import resolve_tasks
     from sodp3d.evaluate import check_policy_fits
     from sodp3d.runs import resolve_device
@@ -561,6 +561,7 @@ def run(cfg) -> dict[str, Any]:
     _check_spawn(cfg, formats)
     ckpt = checkpoint_path(cfg.ckpt)
     policy, payload = policy_from_checkpoint(ckpt, device=resolve_device(str(cfg.device)), use_ema=bool(cfg.use_ema))
+    refuse_foreign_frame(payload, bool(cfg.get("allow_foreign_frame", False)), str(ckpt))
     env_cfg = acting_env_config(cfg.env, payload)
     if cfg.get("task") is not None:
         tasks = resolve_tasks(cfg.task)

@@ -161,3 +161,14 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
         assert str(path) in str(err.value)
     with pytest.raises(UserError):
         policy_from_checkpoint(tmp_path / "nope.ckpt")
+
+
+def test_foreign_frame_is_refused_unless_allowed():
+    from sodp3d.checkpoint import refuse_foreign_frame
+
+    refuse_foreign_frame({}, False, "old.ckpt")  # checkpoints from before the record: our world frame
+    refuse_foreign_frame({"cloud_frame": "world"}, False, "ours.ckpt")
+    with pytest.raises(UserError, match="allow_foreign_frame=true") as e:
+        refuse_foreign_frame({"cloud_frame": "dp3"}, False, "theirs.ckpt")
+    assert "theirs.ckpt" in str(e.value) and "DP3's frame" in str(e.value) and "\n" not in str(e.value)
+    refuse_foreign_frame({"cloud_frame": "dp3"}, True, "theirs.ckpt")

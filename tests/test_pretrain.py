@@ -52,6 +52,7 @@ def test_pretraining_lowers_the_loss(dataset, tmp_path):
     assert sum(curve[-3:]) / 3 < 0.7 * sum(curve[:3]) / 3, curve
     payload = load_checkpoint(run / "checkpoints" / "latest.ckpt")
     assert payload["step"] == 80
+    assert payload["cloud_frame"] == "world"  # our collector's clouds
     assert payload["policy_config"]["shape_meta"]["point_cloud"] == [64, 3]
     assert (payload["policy_config"]["horizon"], payload["policy_config"]["n_obs_steps"],
             payload["policy_config"]["n_action_steps"]) == (12, 2, 8)  # Meta-World defaults
@@ -244,3 +245,52 @@ def test_checkpoints_act_with_the_settings_of_their_data(dataset, tmp_path):
     assert task_settings("reach-v3", acting_env_config(more, payload)).num_points == 100
     rc = main(["eval", f"ckpt={run}", "task=reach-v3", "episodes=1", "num_envs=1", "env.metaworld.episode_length=24"])
     assert rc == 0
+
+
+def test_a_dp3_store_is_said_to_be_in_dp3s_frame_and_its_checkpoint_refused_in_our_envs(tmp_path, capsys):
+    """Pre-training on a DP3-layout store says in one line which frame its clouds are in
+    and records it; eval, finetune and viz of that checkpoint in sodp3d's environments stop
+    with one line unless allow_foreign_frame=true. Its 0-255 colour is trained in [0, 1]."""
+    import numpy as np
+    import zarr
+    from store_kit import make_dp3_store
+
+    data = tmp_path / "dp3.zarr"
+    make_dp3_store(data, 2, lengths=(12, 12))
+    root = zarr.open_group(str(data), mode="r+")
+    rng = np.random.default_rng(0)
+    cloud = np.concatenate([rng.normal(size=(24, 64, 3)), rng.integers(0, 256, (24, 64, 3))], axis=2).astype(np.float32)
+    del root["data"]["point_cloud"]
+    root["data"].create_array("point_cloud", data=cloud, chunks=(5, 64, 6))
+
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert pretrain(data, run, "steps=2", "encoder.use_rgb=true") == 0
+    err = capsys.readouterr().err
+    said = [ln for ln in err.splitlines() if "DP3's layout" in ln]
+    assert len(said) == 1 and "DP3's frame" in said[0] and "0-255" in said[0], err
+    payload = load_checkpoint(run / "checkpoints" / "latest.ckpt")
+    assert payload["cloud_frame"] == "dp3"
+    assert json.loads((run / "results.json").read_text())["cloud_frame"] == "dp3"
+    lo, scale = payload["policy"]["normalizer.point_cloud__min"], payload["policy"]["normalizer.point_cloud__scale"]
+    assert (lo[3:] >= 0).all() and (lo[3:] + 2 / scale[3:] <= 1 + 1e-5).all()  # colour fitted within [0, 1]
+
+    rgb_env = [*FAST_ENV, "env.metaworld.rgb=true", "episodes=1", "num_envs=1"]
+    for command, args in [("eval", ["task=reach-v3", *rgb_env]),
+                          ("finetune", ["task=reach-v3", f"out={tmp_path / 'ft'}", "device=cpu"]),
+                          ("viz", ["task=reach-v3", f"out={tmp_path / 'viz'}", "device=cpu"])]:
+        msg = one_line_error(capsys, main([command, f"ckpt={run}", *args]), command)
+        assert "DP3's frame" in msg and "allow_foreign_frame=true" in msg and "world frame" in msg, msg
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "viz").exists()
+    # Asked for, it acts (eval), or goes on to its next check (finetune: Adroit's 28 action dims).
+    assert main(["eval", f"ckpt={run}", "task=reach-v3", *rgb_env, "allow_foreign_frame=true",
+                 f"out={tmp_path / 'ev'}"]) == 0
+    capsys.readouterr()
+    msg = one_line_error(capsys, main(["finetune", f"ckpt={run}", "task=adroit-door", f"out={tmp_path / 'ft'}",
+                                       "device=cpu", "allow_foreign_frame=true"]), "finetune")
+    assert "28" in msg
+    # Periodic evaluation during pre-training acts in our environments too.
+    msg = one_line_error(capsys, pretrain(data, tmp_path / "x", "steps=2", "eval.every=1", "eval.task=reach-v3"),
+                         "pretrain")
+    assert "DP3's frame" in msg and "allow_foreign_frame=true" in msg
+    assert not (tmp_path / "x").exists()

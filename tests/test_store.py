@@ -284,3 +284,65 @@ def test_dp3_layout_with_bad_episode_ends_is_a_user_error(tmp_path):
     root["meta/episode_ends"][:] = [6, 40, 19]  # longer than the data, and not increasing
     with pytest.raises(UserError, match="episode_ends"):
         EpisodeDataset(path)
+
+
+def with_colour(path: Path, zarr_format: int, colour: np.ndarray) -> np.ndarray:
+    """Replace a DP3 store's clouds by (T, N, 6) ones with ``colour`` (T, N, 3); returns them."""
+    root = zarr.open_group(str(path), mode="r+", zarr_format=zarr_format)
+    xyz = np.asarray(root["data/point_cloud"][:])[..., :3]
+    cloud = np.concatenate([xyz, colour.astype(np.float32)], axis=2)
+    del root["data"]["point_cloud"]
+    root["data"].create_array("point_cloud", data=cloud, chunks=(5,) + cloud.shape[1:])
+    return cloud
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_dp3_colour_in_0_255_is_read_in_0_1(tmp_path, zarr_format):
+    """DP3 stores colour as the image's 0-255: every way of reading the clouds (whole
+    array, episodes, training windows from memory or from zarr) sees it in [0, 1],
+    xyz untouched; the store says its clouds are in DP3's frame."""
+    from sodp3d.data.windows import WindowDataset
+
+    path = tmp_path / "dp3.zarr"
+    make_dp3_store(path, zarr_format)
+    rng = np.random.default_rng(0)
+    cloud = with_colour(path, zarr_format, rng.integers(0, 256, (19, 512, 3)))
+    assert cloud[..., 3:].max() > 200  # stored as 0-255
+    d = EpisodeDataset(path)
+    assert d.colour_scaled and d.cloud_frame == "dp3"
+    expected = cloud.copy()
+    expected[..., 3:] /= 255.0
+    np.testing.assert_allclose(d.get("point_cloud"), expected, rtol=1e-6)
+    np.testing.assert_array_equal(d.get("point_cloud")[..., :3], cloud[..., :3])
+    np.testing.assert_allclose(d.episode(1)["point_cloud"], expected[6:10], rtol=1e-6)
+    assert d.stored_name("point_cloud").endswith("point_cloud")
+    for fraction in (0.5, 0.0):  # in memory, and read from zarr window by window
+        windows = WindowDataset([str(path)], ["point_cloud"], horizon=4, n_obs_steps=2, n_action_steps=2,
+                                memory_fraction=fraction)
+        assert windows.in_memory == (fraction > 0)
+        batch = windows.get(np.arange(len(windows)))["obs"]["point_cloud"]
+        assert 0.0 <= batch[..., 3:].min() and batch[..., 3:].max() <= 1.0 and batch[..., 3:].max() > 0.75
+        row = windows.index[5]
+        np.testing.assert_allclose(batch[5, 0], expected[max(row[1], row[2])], rtol=1e-6)
+
+
+def test_dp3_colour_already_in_0_1_is_kept_and_other_ranges_refused(tmp_path):
+    path = tmp_path / "dp3.zarr"
+    make_dp3_store(path, 3)
+    cloud = with_colour(path, 3, np.random.default_rng(1).uniform(0, 1, (19, 512, 3)))
+    d = EpisodeDataset(path)
+    assert not d.colour_scaled
+    np.testing.assert_array_equal(d.get("point_cloud"), cloud)
+    with_colour(path, 3, np.full((19, 512, 3), 300.0))
+    with pytest.raises(UserError, match="0-255") as e:
+        EpisodeDataset(path)
+    assert "\n" not in str(e.value)
+
+
+def test_our_stores_are_in_the_world_frame(tmp_path):
+    path = tmp_path / "ds.zarr"
+    write_store(path, EPISODES[:1])
+    d = EpisodeDataset(path)
+    assert d.cloud_frame == "world" and not d.colour_scaled
+    make_dp3_store(tmp_path / "dp3.zarr", 2)
+    assert EpisodeDataset(tmp_path / "dp3.zarr").cloud_frame == "dp3"
