@@ -73,7 +73,7 @@ def _cfg(**metaworld):
 def test_bad_settings():
     s = task_settings("reach-v3")
     assert (s.num_points, s.cameras, s.height, s.width, s.sampling) == (512, ("corner4",), 128, 128, "fps")
-    assert s.crop == CropBox((-0.65, 0.2, 0.005), (0.65, 1.1, 0.6))
+    assert s.crop == CropBox((-0.67, 0.23, 0.005), (0.67, 0.975, 0.6))
     assert task_settings("pick-out-of-hole-v3").crop.low[2] == -0.15  # a per-task override
     assert task_settings("adroit-pen").crop.low == (-np.inf, -np.inf, 0.01)
 
