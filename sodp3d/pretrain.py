@@ -5,6 +5,14 @@ actions only. AdamW, lr 1e-4 with warm-up and cosine decay, batch 256, EMA of th
 weights (the paper's defaults; all overridable). Checkpoints are atomic; ``resume=true``
 continues after a kill with the same step count, optimiser, scheduler, EMA and RNG
 state, so a resumed run takes the same next step as an uninterrupted one.
+
+Validation (``val_ratio`` > 0, as DP3 and Diffusion Policy): per task, round(val_ratio x
+its episodes) episodes (at most all but one) are held out, drawn from the seed; no
+training window touches them. Every ``val_every`` steps and at the end, the same
+denoising loss is computed on their windows (no grad, the training weights in eval mode,
+the same noise and diffusion steps every time, so values are comparable), logged as
+``val_loss`` and kept in the checkpoint and the results. The normaliser is fitted on all
+data, as in Diffusion Policy.
 """
 
 from __future__ import annotations
@@ -178,6 +186,70 @@ class Trainer:
         self.torch_gen.set_state(payload["torch_gen"].cpu())  # generator states are CPU byte tensors
 
 
+def held_out_episodes(dataset: WindowDataset, ratio: float, seed: int) -> dict[str, list[int]]:
+    """Per dataset path, the episodes held out for validation: per task, round(ratio x n)
+    of its n episodes (halves up), at most n - 1 so every task keeps one to train on,
+    drawn with ``seed`` (tasks in sorted order). A store without task names is one task."""
+    rng = np.random.default_rng(int(seed))
+    held: dict[str, list[int]] = {}
+    for s in dataset.sources:
+        data = s["data"]
+        by_task: dict[str, list[int]] = {}
+        for i, task in enumerate(data.episode_tasks or [""] * data.n_episodes):
+            by_task.setdefault(task, []).append(i)
+        chosen: list[int] = []
+        for task in sorted(by_task):
+            episodes = by_task[task]
+            k = min(int(math.floor(ratio * len(episodes) + 0.5)), len(episodes) - 1)
+            if k > 0:
+                chosen += rng.choice(episodes, size=k, replace=False).tolist()
+        if chosen:
+            held[s["path"]] = sorted(int(e) for e in chosen)
+    return held
+
+
+def split_windows(dataset: WindowDataset, held: dict[str, list[int]]) -> tuple[WindowDataset, WindowDataset]:
+    """(training windows, validation windows): a window belongs to the episode it was cut
+    from (its steps never leave it), so held-out episodes are in no training window."""
+    is_val = np.zeros(len(dataset), bool)
+    for src, s in enumerate(dataset.sources):
+        episodes = held.get(s["path"])
+        if not episodes:
+            continue
+        mine = dataset.index[:, 0] == src
+        episode = np.searchsorted(s["data"].episode_ends, dataset.index[mine, 3], side="left")
+        is_val[mine] = np.isin(episode, episodes)
+    return dataset.subset(np.nonzero(~is_val)[0]), dataset.subset(np.nonzero(is_val)[0])
+
+
+class Validator:
+    """The denoising loss on fixed validation windows (at most ``max_windows``, spread
+    evenly), with the same noise and diffusion steps at every call (a generator seeded
+    afresh), without gradients, in eval mode (no augmentation)."""
+
+    def __init__(self, windows: WindowDataset, batch_size: int, max_windows: int, seed: int, device: torch.device,
+                 bf16: bool = False):
+        picks = np.unique(np.linspace(0, len(windows) - 1, num=min(len(windows), max_windows)).astype(np.int64))
+        self.batches = [picks[i:i + batch_size] for i in range(0, len(picks), batch_size)]
+        self.windows, self.seed, self.device, self.bf16 = windows, int(seed), device, bf16
+        self.n_windows = int(len(picks))
+
+    @torch.no_grad()
+    def loss(self, policy: DiffusionPolicy) -> float:
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        was_training = policy.training
+        policy.eval()
+        total = 0.0
+        try:
+            for rows in self.batches:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss = policy.compute_loss(self.windows.get(rows), generator)
+                total += float(loss.float().item()) * len(rows)
+        finally:
+            policy.train(was_training)
+        return total / self.n_windows
+
+
 def _same_policy(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
@@ -234,6 +306,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if steps <= 0 or int(cfg.batch_size) <= 0:
         raise UserError(f"steps and batch_size must be positive, got steps={cfg.steps}, batch_size={cfg.batch_size}")
     precision(cfg)  # a bad value is refused before anything is written
+    val_ratio = float(cfg.get("val_ratio", 0.0) or 0.0)
+    if not 0.0 <= val_ratio < 1.0:
+        raise UserError(f"val_ratio is the share of each task's episodes held out for validation, in [0, 1); got {val_ratio}")
+    if val_ratio > 0 and (int(cfg.get("val_every", 1)) <= 0 or int(cfg.get("val_windows", 1)) <= 0):
+        raise UserError(f"val_every and val_windows must be positive, got {cfg.get('val_every')}, {cfg.get('val_windows')}")
     ranks = distributed.ranks_from_env()
     ranks.rows(int(cfg.batch_size))  # a batch that does not split is refused before anything starts
     device = distributed.start(ranks, resolve_device(str(cfg.device)))
@@ -257,6 +334,15 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
     _record_data_settings(cfg, paths)
     dataset = WindowDataset(paths, ENCODERS[enc_name].keys, *horizons(cfg, suite))
     cloud_frame = _cloud_frame(cfg, dataset, ranks.main)
+    val_ratio = float(cfg.get("val_ratio", 0.0) or 0.0)
+    held = held_out_episodes(dataset, val_ratio, int(cfg.seed)) if val_ratio > 0 else {}
+    all_windows = dataset
+    dataset, val_windows = split_windows(all_windows, held)
+    if val_ratio > 0 and not held and ranks.main:
+        import sys
+
+        print(f"sodp3d pretrain: val_ratio={val_ratio:g} holds out no episode here (per task round(val_ratio x "
+              "episodes), one always kept to train on); no validation loss", file=sys.stderr)
     shape_meta = {k: list(v) for k, v in dataset.shapes.items()}
     config = policy_config(cfg, shape_meta, suite)
 
@@ -268,15 +354,22 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
         diff = _same_policy(payload["policy_config"], config.to_dict())
         if diff:
             raise UserError(f"{ckpt} was built with other policy settings ({', '.join(diff)} differ); resume with the same ones")
+        if (payload.get("val") or {}).get("held_out", {}) != held:
+            raise UserError(f"{ckpt} was trained with other held-out episodes (val_ratio, seed or data differ); "
+                            "resume with the same ones")
     torch.manual_seed(int(cfg.seed))  # the same seed gives the same initial weights
     policy = DiffusionPolicy(config)
     if payload is None:  # fitted once, on rank 0, on the channels the encoder reads, and sent to the others
-        fitted = MinMaxNormalizer.fit({k: v for k, v in dataset.arrays_for_fit().items() if k in policy.normalizer.dims},
+        fitted = MinMaxNormalizer.fit({k: v for k, v in all_windows.arrays_for_fit().items() if k in policy.normalizer.dims},
                                       point_channels=policy.point_channels) if ranks.main else None
         policy.normalizer.load_state_dict(distributed.broadcast(ranks, fitted).state_dict())
     trainer = Trainer(policy, cfg, device, ranks)
     if payload is not None:
         trainer.load(payload)
+    validator = Validator(val_windows, int(cfg.batch_size), int(cfg.get("val_windows", 2048)), int(cfg.seed) + 1,
+                          device, trainer.bf16) if len(val_windows) and ranks.main else None
+    val_every = int(cfg.get("val_every", 1000))
+    val_history: list[list[float]] = list(((payload or {}).get("val") or {}).get("history", []))
     if ranks.main:
         run.mkdir(parents=True, exist_ok=True)
         write_config(run, cfg)
@@ -305,7 +398,11 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
         if not ranks.main:
             return
         save_checkpoint(ckpt, {"policy_config": config.to_dict(), "train_config": OmegaConf.to_container(cfg, resolve=True),
-                               "data": paths, "cloud_frame": cloud_frame, **trainer.state()})
+                               "data": paths, "cloud_frame": cloud_frame, "val": val_record(), **trainer.state()})
+
+    def val_record() -> dict[str, Any]:
+        return {"ratio": val_ratio, "held_out": held, "windows": validator.n_windows if validator else 0,
+                "loss": val_history[-1][1] if val_history else None, "history": val_history}
 
     bar = tqdm(total=steps, initial=trainer.step, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not ranks.main)
@@ -318,12 +415,19 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
                 raise UserError(f"training diverged ({e}); the last good checkpoint is {ckpt}") from None
             losses.append(loss)
             seen += int(cfg.batch_size)
+            extra = {}
+            if validator is not None and (trainer.step % val_every == 0 or trainer.step == steps):
+                extra["val_loss"] = validator.loss(trainer.policy)
+                val_history.append([trainer.step, extra["val_loss"]])
             if trainer.step % int(cfg.log_every) == 0 or trainer.step == steps:
                 rate = seen / (time.perf_counter() - t0)
                 mean = last_loss = float(np.mean(losses))
-                logger.log({"loss": mean, "lr": trainer.scheduler.get_last_lr()[0], "samples_per_s": rate}, trainer.step)
-                bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:.0f}")
+                logger.log({"loss": mean, "lr": trainer.scheduler.get_last_lr()[0], "samples_per_s": rate, **extra},
+                           trainer.step)
+                bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:.0f}", **{k: f"{v:.4f}" for k, v in extra.items()})
                 losses = []
+            elif extra:
+                logger.log(extra, trainer.step)
             if trainer.step % int(cfg.checkpoint_every) == 0:
                 checkpoint()
             if eval_every > 0 and ranks.main and (trainer.step % eval_every == 0 or trainer.step == steps):
@@ -339,7 +443,9 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
     record = {"kind": "pretrain", "run": str(run), "checkpoint": str(ckpt), "data": paths, "seed": int(cfg.seed),
               "encoder": config.encoder, "unet": config.unet, "steps": trainer.step, "params": n_params,
               "windows": len(dataset), "loss": last_loss, "seconds": time.perf_counter() - t0,
-              "processes": ranks.world, "cloud_frame": cloud_frame}
+              "processes": ranks.world, "cloud_frame": cloud_frame, "val_ratio": val_ratio,
+              "val_episodes": sum(len(v) for v in held.values()), "val_windows": val_record()["windows"],
+              "val_loss": val_record()["loss"], "val_history": val_history}
     if ranks.main:
         write_results(run, record, _table(record))
     return record
@@ -347,9 +453,11 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
 
 def _table(record: dict[str, Any]) -> str:
     loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
-    return ("| encoder | U-Net | parameters | windows | steps | last loss | seconds |\n|---|---|---:|---:|---:|---:|---:|\n"
+    val = "-" if record.get("val_loss") is None else f"{record['val_loss']:.4f} ({record['val_episodes']} episodes)"
+    return ("| encoder | U-Net | parameters | windows | steps | last loss | validation loss | seconds |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|\n"
             f"| {record['encoder']} | {record['unet']} | {record['params'] / 1e6:.2f}M | {record['windows']} "
-            f"| {record['steps']} | {loss} | {record['seconds']:.0f} |")
+            f"| {record['steps']} | {loss} | {val} | {record['seconds']:.0f} |")
 
 
 def render(record: dict[str, Any]) -> str:

@@ -294,3 +294,100 @@ def test_a_dp3_store_is_said_to_be_in_dp3s_frame_and_its_checkpoint_refused_in_o
                          "pretrain")
     assert "DP3's frame" in msg and "allow_foreign_frame=true" in msg
     assert not (tmp_path / "x").exists()
+
+
+def test_held_out_episodes_are_never_in_training_windows(tmp_path):
+    """Per task, round(ratio x n) episodes (at most n - 1) are held out, the same for the
+    same seed; every training window's steps lie outside them, every validation window's
+    inside them, and together they are all the windows."""
+    import numpy as np
+    from policy_kit import write_dataset
+
+    from sodp3d.data.store import EpisodeDataset, EpisodeWriter
+    from sodp3d.data.windows import WindowDataset
+    from sodp3d.pretrain import held_out_episodes, split_windows
+
+    path = tmp_path / "tasks.zarr"  # 3 tasks of 10, 4 and 1 episodes; step t holds the value t
+    writer = EpisodeWriter.create(path, attrs={})
+    start = 0
+    for task, n in [("a", 10), ("b", 4), ("c", 1)]:
+        for _ in range(n):
+            t = np.arange(start, start + 6, dtype=np.float32)
+            writer.append_episode({"point_cloud": np.broadcast_to(t[:, None, None], (6, 16, 3)).copy(),
+                                   "agent_pos": np.stack([t, -t], 1), "action": np.stack([t, 10 * t], 1)}, task=task)
+            start += 6
+    # A store with one task per episode (values from 1000 on): nothing of it is held out.
+    other = write_dataset(tmp_path / "other.zarr", lengths=(7, 8, 9), offset=1000)
+    windows = WindowDataset([str(path), str(other)], ["point_cloud", "agent_pos"], horizon=4, n_obs_steps=2,
+                            n_action_steps=3)
+    held = held_out_episodes(windows, 0.25, seed=3)
+    tasks = EpisodeDataset(path).episode_tasks
+    assert sorted(tasks[e] for e in held[str(path)]) == ["a", "a", "a", "b"]  # round(2.5) = 3, round(1.0) = 1, c kept
+    assert str(other) not in held
+    assert held == held_out_episodes(windows, 0.25, seed=3)
+    assert held != held_out_episodes(windows, 0.25, seed=4)
+    assert held_out_episodes(windows, 0.95, seed=0)[str(path)].__len__() == 9 + 3  # all but one per task
+    train, val = split_windows(windows, held)
+    assert len(train) + len(val) == len(windows) and len(val) > 0
+    held_steps = {v for e in held[str(path)] for v in range(6 * e, 6 * e + 6)}
+    for part, inside in ((train, False), (val, True)):
+        batch = part.get(np.arange(len(part)))
+        steps = np.concatenate([batch["obs"]["agent_pos"][..., 0], batch["obs"]["point_cloud"][:, :, 0, 0],
+                                batch["action"][..., 0]], axis=1).astype(int)  # the step of every value read
+        assert (np.isin(steps, list(held_steps)).all(axis=1) if inside
+                else ~np.isin(steps, list(held_steps)).any(axis=1)).all()
+    assert {int(v) for v in train.get(np.arange(len(train)))["action"][..., 0].ravel()} >= set(range(1000, 1024))
+    sampled = train.sample(2048, np.random.default_rng(0))["action"][..., 0].astype(int)
+    assert not np.isin(sampled, list(held_steps)).any()
+
+
+def test_validation_loss_is_recorded_finite_and_falls(dataset, tmp_path):
+    """val_ratio=0.5 holds out one of each task's two episodes; the validation loss is
+    logged every val_every steps and at the end, finite, in the checkpoint and the
+    results, and falls over a short run."""
+    run = tmp_path / "val"
+    assert pretrain(dataset, run, "steps=60", "optim.lr=1e-3", "val_ratio=0.5", "val_every=15") == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    assert [s for s, _ in curve] == [15, 30, 45, 60]
+    values = [v for _, v in curve]
+    assert all(v == v and 0 < v < 10 for v in values), values
+    assert values[-1] < 0.8 * values[0], values
+    results = json.loads((run / "results.json").read_text())
+    assert results["val_episodes"] == 2 and results["val_loss"] == values[-1] and results["val_windows"] > 0
+    assert "validation loss" in (run / "results.md").read_text()
+    payload = load_checkpoint(run / "checkpoints" / "latest.ckpt")
+    assert payload["val"]["loss"] == values[-1] and len(payload["val"]["held_out"][str(dataset)]) == 2
+    # The same noise every time: the same weights give the same validation loss.
+    from sodp3d.checkpoint import policy_from_payload
+    from sodp3d.data.windows import WindowDataset
+    from sodp3d.pretrain import Validator, split_windows
+
+    policy = policy_from_payload(payload, use_ema=False)
+    windows = WindowDataset([str(dataset)], policy.obs_keys, 12, 2, 8)
+    _, val = split_windows(windows, payload["val"]["held_out"])
+    validator = Validator(val, 16, 2048, 1, torch.device("cpu"))
+    assert validator.loss(policy) == validator.loss(policy)
+    assert abs(validator.loss(policy) - values[-1]) < 1e-4
+    # Resuming with another split is refused; a ratio outside [0, 1) is refused.
+    assert pretrain(dataset, run, "steps=62", "resume=true", "val_ratio=0.0") == 2
+    assert pretrain(dataset, tmp_path / "bad", "val_ratio=1.0") == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_validation_under_two_processes_matches_one_process(dataset, tmp_path):
+    """Under torchrun (two processes, gloo), training skips the same held-out episodes and
+    rank 0 computes the same validation losses one process computes."""
+    import subprocess
+    import sys
+
+    args = [f"data={dataset}", *TINY, "steps=4", "val_ratio=0.5", "val_every=2"]
+    assert main(["pretrain", f"out={tmp_path / 'one'}", *args]) == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "sodp3d.cli", "pretrain", f"out={tmp_path / 'two'}", *args],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert two["processes"] == 2 and [s for s, _ in two["val_history"]] == [2, 4]
+    for (s1, v1), (s2, v2) in zip(one["val_history"], two["val_history"]):
+        assert s1 == s2 and abs(v1 - v2) < 1e-4 * max(1.0, abs(v1)), (one["val_history"], two["val_history"])
