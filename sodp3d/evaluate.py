@@ -217,7 +217,7 @@ def run(cfg) -> dict[str, Any]:
     (metric=top5); returns the record, also written to ``<out>/results.json``."""
     from omegaconf import OmegaConf
 
-    from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_checkpoint
+    from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_checkpoint, refuse_foreign_frame
     from sodp3d.envs import resolve_tasks
     from sodp3d.runs import resolve_device, write_results
 
@@ -237,6 +237,7 @@ def run(cfg) -> dict[str, Any]:
         if not isinstance(cfg.episodes, int) or not isinstance(cfg.num_envs, int) or cfg.num_envs <= 0:
             raise UserError(f"episodes and num_envs must be positive integers, got {cfg.episodes!r}, {cfg.num_envs!r}")
         policy, payload = policy_from_checkpoint(ckpt, device=resolve_device(str(cfg.device)), use_ema=bool(cfg.use_ema))
+        refuse_foreign_frame(payload, bool(cfg.get("allow_foreign_frame", False)), str(ckpt))
         sampler = None if cfg.get("eta") is None else policy.ddim(float(cfg.eta), float(cfg.min_std))
         results = evaluate(policy, tasks, cfg.episodes, [int(s) for s in seeds], cfg.num_envs,
                            acting_env_config(cfg.env, payload), sampler=sampler)

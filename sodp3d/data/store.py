@@ -28,7 +28,9 @@ reading chunk by chunk.
 
 DP3 layout (``data/{point_cloud, state, action}``, ``meta/episode_ends``, zarr v2 or v3):
 read with ``agent_pos`` taken from DP3's ``data/state`` and ``state`` from
-``data/full_state`` when present.
+``data/full_state`` when present. DP3 stores colour (channels 3:6) in 0-255: such a
+store's colour is read scaled to [0, 1] (detected from the stored values). Its clouds
+are in DP3's frame, not ours (``cloud_frame``, ``DP3_FRAME``): they are read as they are.
 """
 
 from __future__ import annotations
@@ -214,6 +216,57 @@ class EpisodeWriter:
         self.root.attrs["n_episodes"] = n + 1  # the commit
 
 
+WORLD_FRAME = "world"
+DP3_FRAME = "dp3"
+FRAME_NOTES = {  # which frame a store's clouds are in, in words
+    WORLD_FRAME: "sodp3d's world frame (the simulator's, cropped by sodp3d's box)",
+    DP3_FRAME: ("DP3's frame (camera index 0's pose turned by a fixed rotation, x 61.4 and y -7 degrees, "
+                "cropped by DP3's own box that keeps the table)"),
+}
+
+
+class _ColourScaled:
+    """A DP3 cloud array (T, N, 6) read with its colour channels scaled from 0-255 to
+    [0, 1]; slicing and ``oindex`` as the zarr array it wraps, anything else delegated."""
+
+    def __init__(self, array: Any):
+        self._array = array
+        self.oindex = _ScaledIndex(array.oindex)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._array, name)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return _scale_colour(np.asarray(self._array[key]))
+
+
+class _ScaledIndex:
+    def __init__(self, oindex: Any):
+        self._oindex = oindex
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return _scale_colour(np.asarray(self._oindex[key]))
+
+
+def _scale_colour(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float32, copy=True)
+    values[..., 3:6] /= 255.0
+    return values
+
+
+def _colour_range(path: str | Path, array: Any, n_steps: int) -> str:
+    """'unit' ([0, 1]) or '255' (0-255) for the colour channels of a DP3 cloud array,
+    from up to 64 steps spread over the store; other ranges are refused."""
+    rows = np.unique(np.linspace(0, max(n_steps - 1, 0), num=min(64, max(n_steps, 1)), dtype=np.int64))
+    colour = np.asarray(array.oindex[rows])[..., 3:6] if n_steps else np.zeros((0, 3))
+    finite = colour[np.isfinite(colour)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if low < 0 or high > 255:
+        raise UserError(f"{path}: the colour channels of data/point_cloud range over [{low:g}, {high:g}]; "
+                        "expected [0, 1] or DP3's 0-255")
+    return "255" if high > 1.0 else "unit"
+
+
 def _not_ours(path: str | Path, kind: str) -> str:
     if kind == "missing":
         return f"no dataset at {path}"
@@ -255,6 +308,13 @@ class EpisodeDataset:
         short = [k for k, a in self._arrays.items() if a.shape[0] < self.n_steps]
         if short:
             raise UserError(f"{path}: arrays {short} are shorter than meta/episode_ends says ({self.n_steps} steps)")
+        self.cloud_frame = DP3_FRAME if self.layout == "dp3" else WORLD_FRAME  # see FRAME_NOTES
+        self.colour_scaled = False  # DP3's 0-255 colour is read in [0, 1]
+        cloud = self._arrays.get("point_cloud")
+        if self.layout == "dp3" and cloud is not None and cloud.ndim == 3 and cloud.shape[2] >= 6:
+            if _colour_range(path, cloud, self.n_steps) == "255":
+                self._arrays["point_cloud"] = _ColourScaled(cloud)
+                self.colour_scaled = True
 
     @property
     def n_episodes(self) -> int:

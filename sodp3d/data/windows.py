@@ -106,6 +106,15 @@ class WindowDataset:
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
+    def subset(self, windows: np.ndarray) -> "WindowDataset":
+        """A view of the same arrays holding only ``windows`` (positions in the index): one
+        side of a train / validation split."""
+        import copy
+
+        view = copy.copy(self)
+        view.index = self.index[np.asarray(windows, dtype=np.int64)]
+        return view
+
     @property
     def n_steps(self) -> int:
         return sum(s["data"].n_steps for s in self.sources)

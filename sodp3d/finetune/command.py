@@ -179,7 +179,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (also written to ``<out>/results.json``, with its table in ``results.md``)."""
     from omegaconf import open_dict
 
-    from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_payload
+    from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_payload, refuse_foreign_frame
     from sodp3d.envs import resolve_tasks
 
     if cfg.get("ckpt") in (None, "???"):
@@ -198,6 +198,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # One read of the pre-trained checkpoint: its policy, and the observation settings it
     # was trained with (plus the user's changes) to act with.
     payload = load_checkpoint(checkpoint_path(cfg.ckpt))
+    refuse_foreign_frame(payload, bool(cfg.get("allow_foreign_frame", False)), str(checkpoint_path(cfg.ckpt)))
     pretrained = policy_from_payload(payload, device, use_ema=True, source=str(checkpoint_path(cfg.ckpt)))
     with open_dict(cfg):
         cfg.env = acting_env_config(cfg.env, payload)
