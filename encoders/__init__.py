@@ -1,4 +1,4 @@
-"""Feature extractors for point clouds and states, chosen by config key.
+"""Feature extractors for point clouds, images and states, chosen by config key.
 
     from sodp3d.encoders import build_encoder
     enc = build_encoder("dp3", {"point_cloud": (512, 3), "agent_pos": (9,)})
@@ -7,6 +7,7 @@
 The policy folds its To observed steps into the batch, calls the encoder once on
 (B * To, ...) tensors and reshapes the result to (B, To * out_dim). Point xyz arrives
 min-max normalised to [-1, 1]; rgb channels (when the cloud has 6) stay in [0, 1].
+Images arrive as stored (uint8 values, (B, H, W, C)): the image encoder scales them.
 
 Adding an encoder is one file and one line:
   1. ``encoders/<name>.py``: subclass ``base.Encoder``; set the class attribute ``keys``
@@ -29,11 +30,13 @@ from sodp3d.errors import UserError
 
 from .base import Encoder, ShapeMeta, missing_keys, missing_keys_message, normalise_shape_meta
 from .dp3 import DP3Encoder
+from .image import ImageEncoder
 from .pointnet import PointNetEncoder
 from .state import StateEncoder
 
 ENCODERS: dict[str, type[Encoder]] = {
     "dp3": DP3Encoder,
+    "image": ImageEncoder,
     "pointnet": PointNetEncoder,
     "state": StateEncoder,
 }
@@ -86,6 +89,7 @@ __all__ = [
     "ENCODERS",
     "DP3Encoder",
     "Encoder",
+    "ImageEncoder",
     "PointNetEncoder",
     "StateEncoder",
     "build_encoder",

@@ -2,6 +2,11 @@
 
 Shapes: H, W image rows and columns; M back-projected points (variable).
 
+With ``image`` set, a camera renders colour and depth of the scene in ONE render
+(``mjr_render`` then ``mjr_readPixels`` of both buffers): the policy's image and its
+point cloud are the same frame. ``image="rgbd"`` adds depth as a fourth uint8 channel
+(``depth_to_uint8``: centimetres from the camera, saturating at 2.55 m).
+
 Geometry (exact, no hand-tuned rotations):
   * intrinsics from the camera's ``fovy`` and the image size (square pixels, principal
     point at the image centre, pixel centres at integer coordinates as Open3D expects);
@@ -24,6 +29,19 @@ from sodp3d.errors import UserError
 
 # MuJoCo camera frame -> OpenCV camera frame (flip y and z).
 _MJ_TO_CV = np.diag([1.0, -1.0, -1.0])
+
+IMAGE_MODES = ("rgb", "rgbd")
+DEPTH_STEP_M = 0.01  # one uint8 level of an rgbd image's depth channel: 1 cm, so 255 is 2.55 m or more
+
+
+def depth_to_uint8(depth: np.ndarray) -> np.ndarray:
+    """Metric depth (H, W) -> (H, W) uint8 in steps of ``DEPTH_STEP_M``, saturating at 255."""
+    return np.clip(np.rint(depth / DEPTH_STEP_M), 0, 255).astype(np.uint8)
+
+
+def image_channels(mode: str | None) -> int:
+    """Channels of one camera's image: 3 (rgb), 4 (rgbd), 0 (no image)."""
+    return {None: 0, "rgb": 3, "rgbd": 4}[mode]
 
 
 def camera_names(model: mujoco.MjModel) -> list[str]:
@@ -56,7 +74,8 @@ class DepthCamera:
     [0, 1] when ``rgb`` is set.
     """
 
-    def __init__(self, model: mujoco.MjModel, name: str, height: int, width: int, rgb: bool = False):
+    def __init__(self, model: mujoco.MjModel, name: str, height: int, width: int, rgb: bool = False,
+                 image: str | None = None):
         cam_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, name)
         if cam_id < 0:
             raise UserError(f"unknown camera '{name}'; this scene has: {', '.join(camera_names(model))}")
@@ -69,13 +88,24 @@ class DepthCamera:
         self.cam_id = cam_id
         self.height, self.width = int(height), int(width)
         self.rgb = rgb
+        if image not in (None,) + IMAGE_MODES:
+            raise UserError(f"unknown image mode {image!r}; valid: {', '.join(IMAGE_MODES)} or null")
+        self.image_mode = image
         # The offscreen buffer limits the size; grow it for this model if asked for more.
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
         self._depth_renderer = self._rgb_renderer = None
         self._depth_renderer = _renderer(model, self.height, self.width)
         self._depth_renderer.enable_depth_rendering()
-        self._rgb_renderer = _renderer(model, self.height, self.width) if rgb else None
+        self._rgb_renderer = None
+        if image:  # colour and depth from one render of this renderer (see render())
+            samples, model.vis.quality.offsamples = model.vis.quality.offsamples, 0
+            try:  # no multisampling: a resolved multisample depth buffer is off by a sub-pixel
+                self._rgb_renderer = _renderer(model, self.height, self.width)
+            finally:
+                model.vis.quality.offsamples = samples
+        elif rgb:
+            self._rgb_renderer = _renderer(model, self.height, self.width)
         fovy = np.deg2rad(model.cam_fovy[cam_id])
         self.focal = 0.5 * self.height / np.tan(0.5 * fovy)
         self.intrinsic = o3d.camera.PinholeCameraIntrinsic(
@@ -97,6 +127,39 @@ class DepthCamera:
             raise RuntimeError("camera was built without rgb")
         self._rgb_renderer.update_scene(data, camera=self.cam_id)
         return self._rgb_renderer.render()
+
+    def render(self, data: mujoco.MjData) -> tuple[np.ndarray, np.ndarray]:
+        """Colour (H, W, 3) uint8 and metric depth (H, W) float32 of ONE render of the
+        current state, row 0 at the top (mujoco.Renderer renders one or the other; this
+        reads both buffers after the same ``mjr_render``, and converts the depth buffer as
+        ``Renderer.render`` does). Rendered without multisampling, skybox and shadows; the
+        depth equals the depth-only renderer's bit for bit, so the cloud is the same."""
+        r = self._rgb_renderer
+        if r is None:
+            raise RuntimeError("camera was built without rgb or image")
+        r.update_scene(data, camera=self.cam_id)
+        r.scene.flags[mujoco.mjtRndFlag.mjRND_SKYBOX] = False  # the sky would be depth tens of metres away
+        # No shadows: offscreen GL on a CPU draws a 4096^2 shadow map per frame (74 ms vs 11 ms a
+        # render at 84 x 84, about the depth-only render's cost); the depth is unaffected.
+        r.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
+        if r._gl_context:
+            r._gl_context.make_current()
+        rgb = np.empty((self.height, self.width, 3), np.uint8)
+        raw = np.empty((self.height, self.width), np.float32)
+        mujoco.mjr_render(r._rect, r._scene, r._mjr_context)
+        mujoco.mjr_readPixels(rgb, raw, r._rect, r._mjr_context)
+        extent = self.model.stat.extent  # reversed-z depth buffer -> metric depth, in float64
+        znear, zfar = np.float32(self.model.vis.map.znear * extent), np.float32(self.model.vis.map.zfar * extent)
+        c = np.float32(-0.5) * (-(zfar + znear) / (zfar - znear)) - np.float32(0.5)
+        d = np.float32(-0.5) * (-(np.float32(2) * zfar * znear) / (zfar - znear))
+        depth = (d / (raw.astype(np.float64) + c)).astype(np.float32)
+        return np.ascontiguousarray(np.flipud(rgb)), np.ascontiguousarray(np.flipud(depth))
+
+    def image(self, rgb: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        """The policy's image of one render: (H, W, 3) or (H, W, 4) uint8 (rgbd)."""
+        if self.image_mode == "rgbd":
+            return np.concatenate([rgb, depth_to_uint8(depth)[..., None]], axis=-1)
+        return rgb
 
     # -- geometry --------------------------------------------------------------------
     def camera_to_world(self, data: mujoco.MjData) -> np.ndarray:
@@ -145,9 +208,17 @@ class DepthCamera:
 
     def cloud(self, data: mujoco.MjData) -> np.ndarray:
         """Render the current state and back-project: world-frame (M, 3|6) float32."""
-        depth = self.depth(data)
-        color = self.color(data) if self.rgb else None
-        return self.back_project(depth, data, color)
+        return self.observe(data)[0]
+
+    def observe(self, data: mujoco.MjData) -> tuple[np.ndarray, np.ndarray | None]:
+        """Render the current state: (world-frame cloud (M, 3|6) float32, the image or None).
+        With an image, cloud and image come from one render."""
+        if self.image_mode is None:
+            depth = self.depth(data)
+            color = self.color(data) if self.rgb else None
+            return self.back_project(depth, data, color), None
+        color, depth = self.render(data)
+        return self.back_project(depth, data, color if self.rgb else None), self.image(color, depth)
 
     def close(self) -> None:
         for r in (self._depth_renderer, self._rgb_renderer):
@@ -171,6 +242,14 @@ def refresh_kinematics(model: mujoco.MjModel, data: mujoco.MjData) -> None:
 
 def fused_cloud(cameras: list[DepthCamera], data: mujoco.MjData) -> np.ndarray:
     """All cameras' clouds of the current state in one world-frame array."""
+    return fused_observation(cameras, data)[0]
+
+
+def fused_observation(cameras: list[DepthCamera], data: mujoco.MjData) -> tuple[np.ndarray, np.ndarray | None]:
+    """All cameras' clouds of the current state in one world-frame array, and the first
+    camera's image (H, W, 3|4) when it renders one (the settings allow an image with one
+    camera only)."""
     refresh_kinematics(cameras[0].model, data)
-    clouds = [cam.cloud(data) for cam in cameras]
-    return clouds[0] if len(clouds) == 1 else np.concatenate(clouds, axis=0)
+    seen = [cam.observe(data) for cam in cameras]
+    clouds = [c for c, _ in seen]
+    return (clouds[0] if len(clouds) == 1 else np.concatenate(clouds, axis=0)), seen[0][1]

@@ -1,5 +1,9 @@
 """The ``collect`` command: sub-optimal, multi-task point-cloud datasets into zarr.
 
+With ``env.<suite>.image=rgb`` (or ``rgbd``) every step also records the cameras' image
+(``data/image``, uint8) from the same render as its cloud, so one dataset serves the
+point encoders and ``encoder=image``.
+
 Sources (``source=<name>``, see ``SOURCES``), each a module with a ``check`` run before
 anything is written and a job runner of one signature
 ``run_jobs(todo, settings, cfg, seed, workers)`` that yields episodes in ``todo`` order:
@@ -92,6 +96,10 @@ def collect(cfg: DictConfig) -> dict[str, Any]:
     shapes = {(s.num_points, s.channels) for s in settings.values()}
     if len(shapes) > 1:
         raise UserError(f"all tasks of one dataset need the same cloud shape (num_points, channels); got {sorted(shapes)}")
+    images = {s.image_shape for s in settings.values()}
+    if len(images) > 1:
+        raise UserError(f"all tasks of one dataset need the same image shape (or none); got "
+                        f"{', '.join(sorted(str(i) for i in images))}")
 
     kind = inspect_path(out)
     if kind in ("dp3", "foreign"):
@@ -167,6 +175,7 @@ def _dataset_attrs(task_attrs: dict, settings: dict[str, ObsSettings], seed: int
         "tasks": task_attrs,
         "num_points": first.num_points,
         "channels": first.channels,
+        "image": None if first.image_shape is None else list(first.image_shape),  # (H, W, C) uint8, or none
         "seed": seed,
         "versions": versions,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -181,6 +190,13 @@ def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings], r
             raise UserError(
                 f"{out} holds clouds of {attrs.get('num_points')} points x {attrs.get('channels')} channels; "
                 f"this run asks for {shape[0]} x {shape[1]}; choose another out path"
+            )
+        image = None if s.image_shape is None else list(s.image_shape)
+        if attrs.get("image") != image:
+            raise UserError(
+                f"{out} holds {'no images' if attrs.get('image') is None else 'images of ' + str(attrs['image'])}; "
+                f"this run asks for {'none' if image is None else image} (env.{s.suite}.image={s.image or 'null'}); "
+                "choose another out path"
             )
         if task in stored:
             old = {k: v for k, v in stored[task].items() if k != "task"}

@@ -16,11 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from sodp3d.errors import UserError
 
+from .camera import IMAGE_MODES, image_channels
 from .pointcloud import SAMPLING_METHODS, CropBox
 from .tasks import suite_of
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-_KEYS = ("episode_length", "cameras", "resolution", "num_points", "rgb", "sampling", "crop")
+_KEYS = ("episode_length", "cameras", "resolution", "num_points", "rgb", "sampling", "crop", "image")
+# Keys a config may leave out, with the value they take (configs and checkpoints from before them).
+_OPTIONAL = {"image": None}
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,18 @@ class ObsSettings:
     rgb: bool
     sampling: str
     crop: CropBox | None
+    image: str | None = None  # rgb | rgbd: the cameras' images as an `image` observation, null: none
 
     @property
     def channels(self) -> int:
         return 6 if self.rgb else 3
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(H, W, C) uint8 of the `image` observation (C = 3 rgb, 4 rgbd), or None."""
+        if self.image is None:
+            return None
+        return (self.height, self.width, image_channels(self.image))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,7 +88,7 @@ def task_settings(task: str, env_cfg: DictConfig | dict | None = None) -> ObsSet
     unknown = set(suite_cfg) - set(_KEYS) or set(overrides) - set(_KEYS)
     if unknown:
         raise UserError(f"unknown env setting(s) {sorted(unknown)} for {task}; valid: {', '.join(_KEYS)}")
-    s = {**suite_cfg, **overrides}
+    s = {**_OPTIONAL, **suite_cfg, **overrides}
     missing = [k for k in _KEYS if k not in s]
     if missing:
         raise UserError(f"env settings for {task} lack {missing}")
@@ -102,6 +113,12 @@ def task_settings(task: str, env_cfg: DictConfig | dict | None = None) -> ObsSet
     ep = s["episode_length"]
     if not isinstance(ep, int) or ep <= 0:
         raise UserError(f"{where('episode_length')} must be a positive integer, got {ep}")
+    image = s["image"]
+    if image not in (None,) + IMAGE_MODES:
+        raise UserError(f"{where('image')} must be {' | '.join(IMAGE_MODES)} | null, got {image!r}")
+    if image is not None and len(cams) > 1:
+        raise UserError(f"{where('image')}={image} records one camera's image, but {where('cameras')} names "
+                        f"{len(cams)} ({', '.join(cams)}); name one camera, or set image=null")
     box = None
     if s["crop"] is not None:
         c = s["crop"]
@@ -126,12 +143,13 @@ def task_settings(task: str, env_cfg: DictConfig | dict | None = None) -> ObsSet
         rgb=bool(s["rgb"]),
         sampling=s["sampling"],
         crop=box,
+        image=image,
     )
 
 
 # Keys a dataset records per task that define what the policy sees (not the episode length,
 # which is an evaluation choice).
-OBSERVATION_KEYS = ("cameras", "resolution", "num_points", "rgb", "sampling", "crop")
+OBSERVATION_KEYS = ("cameras", "resolution", "num_points", "rgb", "sampling", "crop", "image")
 
 
 def recorded_as_env(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +157,8 @@ def recorded_as_env(recorded: dict[str, Any]) -> dict[str, Any]:
     crop = recorded.get("crop")
     entry = {"cameras": list(recorded["cameras"]), "resolution": [recorded["height"], recorded["width"]],
              "num_points": recorded["num_points"], "rgb": recorded["rgb"], "sampling": recorded["sampling"],
-             "crop": None if crop is None else {"low": list(crop[0]), "high": list(crop[1])}}
+             "crop": None if crop is None else {"low": list(crop[0]), "high": list(crop[1])},
+             "image": recorded.get("image")}
     return {k: entry[k] for k in OBSERVATION_KEYS}
 
 
@@ -154,3 +173,18 @@ def with_recorded_settings(env_cfg: DictConfig | dict | None, recorded: dict[str
         tasks[task] = {**_as_dict(tasks.get(task)), **recorded_as_env(rec)}
         cfg[suite]["tasks"] = tasks
     return OmegaConf.create(cfg)
+
+
+def require_images(keys: tuple[str, ...] | list[str], task: str, env_cfg: DictConfig | dict | None,
+                   what: str = "the policy", channels: int = 3) -> None:
+    """Refuse, in one line, to act with a policy that reads ``image`` where the env
+    settings of ``task`` give none (a checkpoint trained on images, evaluated on a task
+    its data did not record, or with image=null): what is missing and how to get it."""
+    if "image" not in keys:
+        return
+    s = task_settings(task, env_cfg)
+    if s.image is None:
+        mode = "rgbd" if channels == 4 else "rgb"
+        raise UserError(f"{what} reads 'image' observations, which the env settings of {task} do not give "
+                        f"(env.{s.suite}.image is null); act with env.{s.suite}.image={mode}, and record data "
+                        f"with them: `sodp3d collect task={task} env.{s.suite}.image={mode} out=...`")

@@ -4,7 +4,9 @@ Shapes: N points, C channels (3, or 6 with RGB), To observed steps, Ta executed 
 Da action dim.
 
 * ``PointCloudObservation``: adds ``point_cloud`` (N, C) float32 in world coordinates
-  (render depth on the configured cameras -> back-project -> fuse -> crop -> sample).
+  (render depth on the configured cameras -> back-project -> fuse -> crop -> sample),
+  and, when the settings ask for it (``image: rgb | rgbd``), ``image`` (H, W, 3|4) uint8:
+  the same render's colour (and depth), so image and cloud show the same state.
 * ``ActionChunking``: one step executes a chunk of Ta actions and returns the last To
   observations stacked. Only the steps whose observation is returned are rendered:
   with To = 2 and Ta = 8, two renders per eight simulator steps.
@@ -20,7 +22,7 @@ import numpy as np
 
 from sodp3d.errors import UserError
 
-from .camera import DepthCamera, fused_cloud
+from .camera import DepthCamera, fused_observation
 from .pointcloud import crop, sample
 from .settings import ObsSettings
 
@@ -37,7 +39,8 @@ class PointCloudObservation(gym.ObservationWrapper):
         base = env.unwrapped
         self.settings = settings
         self.cameras = [
-            DepthCamera(base.model, name, settings.height, settings.width, rgb=settings.rgb) for name in settings.cameras
+            DepthCamera(base.model, name, settings.height, settings.width, rgb=settings.rgb, image=settings.image)
+            for name in settings.cameras
         ]
         self._data = base.data
         self._rng = np.random.default_rng(0)
@@ -46,9 +49,13 @@ class PointCloudObservation(gym.ObservationWrapper):
         self.padded = 0
         spaces = dict(env.observation_space.spaces)
         spaces["point_cloud"] = gym.spaces.Box(-np.inf, np.inf, (settings.num_points, settings.channels), np.float32)
+        self._blank = {"point_cloud": np.zeros((settings.num_points, settings.channels), np.float32)}
+        if settings.image is not None:
+            spaces["image"] = gym.spaces.Box(0, 255, settings.image_shape, np.uint8)
+            self._blank["image"] = np.zeros(settings.image_shape, np.uint8)
         self.observation_space = gym.spaces.Dict(spaces)
-        self._blank = np.zeros((settings.num_points, settings.channels), np.float32)
-        self._blank.flags.writeable = False  # shared by every suppressed observation
+        for blank in self._blank.values():
+            blank.flags.writeable = False  # shared by every suppressed observation
 
     def reset(self, *, seed=None, options=None):
         if seed is not None:
@@ -57,8 +64,14 @@ class PointCloudObservation(gym.ObservationWrapper):
 
     def point_cloud(self) -> np.ndarray:
         """Render the current state: (N, C) float32."""
+        return self.rendered()["point_cloud"]
+
+    def rendered(self) -> dict[str, np.ndarray]:
+        """Render the current state once: {'point_cloud': (N, C) float32} and, with images,
+        'image': (H, W, 3|4) uint8 of the same render."""
         s = self.settings
-        points = crop(fused_cloud(self.cameras, self._data), s.crop)
+        cloud, image = fused_observation(self.cameras, self._data)
+        points = crop(cloud, s.crop)
         if points.shape[0] == 0:
             raise UserError(
                 f"the crop box {s.crop.as_list() if s.crop else None} leaves no points for task {s.task} "
@@ -67,19 +80,19 @@ class PointCloudObservation(gym.ObservationWrapper):
         points, padded = sample(points, s.num_points, s.sampling, self._rng)
         self.observations += 1
         self.padded += int(padded)
-        return np.ascontiguousarray(points, dtype=np.float32)
+        out = {"point_cloud": np.ascontiguousarray(points, dtype=np.float32)}
+        if image is not None:
+            out["image"] = image
+        return out
 
     def observation(self, observation):
         obs = dict(observation)
-        if self._suppressed:
-            obs["point_cloud"] = self._blank
-        else:
-            obs["point_cloud"] = self.point_cloud()
+        obs.update(self._blank if self._suppressed else self.rendered())
         return obs
 
     @contextlib.contextmanager
     def rendering_suppressed(self):
-        """Within this block observations carry a zero cloud and cost no render."""
+        """Within this block observations carry a zero cloud (and image) and cost no render."""
         previous, self._suppressed = self._suppressed, True
         try:
             yield
@@ -172,7 +185,7 @@ class ActionChunking(gym.Wrapper):
         last = len(seen) - 1
         if seen[last] is None:  # the episode ended on a step that was not rendered
             final = dict(obs)
-            final["point_cloud"] = self._pc.point_cloud()
+            final.update(self._pc.rendered())
             seen[last] = final
         # The window is the To steps ending at the last executed one; a step inside it
         # that was not rendered (only possible after an early termination) takes the

@@ -11,6 +11,11 @@ Da action dim, F encoder features per step, G = To * F conditioning dim, S sampl
   chain_log_prob(cond, chain)  per-step Gaussian log-probabilities (B, S) under the current weights
   chain_log_prob_and_loss(obs, chain, batch)  both of the above and compute_loss(batch) in one pass
 
+Observations are min-max normalised per key, except ``image`` (uint8): the image encoder
+scales it itself. An encoder that augments in training (the image encoder's random crops)
+gets its draws in ``compute_loss`` while the policy is in training mode, from the loss's
+generator, for the whole batch; acting and fine-tuning's log-probabilities never augment.
+
 The executed actions are steps To-1 .. To-2+Ta of the predicted Tp (the step of the
 last observation onwards), as in Diffusion Policy and DP3; hence Ta <= Tp - To + 1.
 """
@@ -30,6 +35,8 @@ from sodp3d.encoders import build_encoder
 from sodp3d.errors import UserError
 from sodp3d.normalizer import MinMaxNormalizer
 from sodp3d.unet import build_unet
+
+UNNORMALISED = ("image",)  # observation keys the encoder scales itself (uint8 images)
 
 
 @dataclass
@@ -93,7 +100,8 @@ class DiffusionPolicy(nn.Module):
         self.sampler = self.ddim(config.eta)
         dims = {"action": self.action_dim}
         for k in self.obs_keys:  # point_cloud: xyz, or xyz + rgb when the encoder reads colour
-            dims[k] = self.point_channels if k == "point_cloud" else int(meta[k][-1])
+            if k not in UNNORMALISED:
+                dims[k] = self.point_channels if k == "point_cloud" else int(meta[k][-1])
         self.normalizer = normalizer if normalizer is not None else MinMaxNormalizer(dims)
         if self.normalizer.dims != dims:
             raise UserError(f"normaliser dims {dict(sorted(self.normalizer.dims.items()))} do not match the "
@@ -112,6 +120,13 @@ class DiffusionPolicy(nn.Module):
     def _tensor(self, x: Any) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x, dtype=torch.float32, device=self.device)
 
+    def _obs_tensor(self, key: str, x: Any) -> torch.Tensor:
+        """An observation as a tensor on the policy's device: float32, or as stored for the
+        keys the encoder scales itself."""
+        if key in UNNORMALISED:
+            return (x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))).to(self.device)
+        return self._tensor(x)
+
     def _check_obs(self, obs: dict[str, Any]) -> None:
         To = self.config.n_obs_steps
         for k in self.obs_keys:
@@ -122,16 +137,20 @@ class DiffusionPolicy(nn.Module):
             if got != want:
                 raise UserError(f"observation '{k}' has per-sample shape {got}, the policy expects {want}")
 
-    def condition(self, obs: dict[str, Any]) -> torch.Tensor:
-        """Normalised, encoded observations: (B, To, ...) per key -> (B, G)."""
+    def condition(self, obs: dict[str, Any], augmentation: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised, encoded observations: (B, To, ...) per key -> (B, G). ``augmentation``:
+        the encoder's draws for the B * To observations (``draw_augmentation``), or none."""
         self._check_obs(obs)
         first = obs[self.obs_keys[0]]
         B, To = first.shape[0], first.shape[1]
         flat = {}
         for k in self.obs_keys:
-            x = self.normalizer.normalize(k, self._tensor(obs[k]))
+            x = self._obs_tensor(k, obs[k])  # images as stored (uint8): the encoder scales them
+            if k not in UNNORMALISED:
+                x = self.normalizer.normalize(k, x)
             flat[k] = x.reshape(B * To, *x.shape[2:])
-        return self.encoder(flat).reshape(B, To * self.encoder.out_dim)
+        features = self.encoder(flat) if augmentation is None else self.encoder(flat, augmentation)
+        return features.reshape(B, To * self.encoder.out_dim)
 
     def denoiser(self, cond: torch.Tensor):
         """model_fn(x_k (B, Tp, Da), k (B,)) for the sampler, conditioned on cond (B, G)."""
@@ -153,14 +172,28 @@ class DiffusionPolicy(nn.Module):
         """Denoising loss of eq. 7 (noise prediction) or DP3's sample prediction.
 
         ``rows``: the loss of these rows only (their mean), with the noise and diffusion
-        steps drawn for the whole batch: a distributed rank's share of a global batch."""
+        steps drawn for the whole batch: a distributed rank's share of a global batch. In
+        training mode an augmenting encoder's draws come first, also for the whole batch."""
+        augmentation = self._augmentation(batch["obs"], generator, rows) if self.training else None
         obs = batch["obs"] if rows is None else {key: v[rows] for key, v in batch["obs"].items()}
-        cond = self.condition(obs)
+        cond = self.condition(obs, augmentation)
         x0, noise, k = self._noised(batch["action"], generator)
         if rows is not None:
             x0, noise, k = x0[rows], noise[rows], k[rows]
         x_k = self.schedule.add_noise(x0, noise, k)
         return self.schedule.loss(self.model(x_k, k, cond), x0, noise)
+
+    def _augmentation(self, obs: dict[str, Any], generator: torch.Generator | None,
+                      rows: slice | None) -> torch.Tensor | None:
+        """The encoder's augmentation draws for every observation of the batch (B * To),
+        those of ``rows`` kept; None for an encoder that does not augment."""
+        first = obs[self.obs_keys[0]]
+        B, To = first.shape[0], first.shape[1]
+        draw = getattr(self.encoder, "draw_augmentation", None)  # encoders that augment in training have it
+        draws = None if draw is None else draw(B * To, generator, device=self.device)
+        if draws is None or rows is None:
+            return draws
+        return draws.reshape(B, To, *draws.shape[1:])[rows].reshape(-1, *draws.shape[1:])
 
     def _noised(self, action: Any, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised action windows (B, Tp, Da), their noise and diffusion steps (B,),
@@ -189,7 +222,7 @@ class DiffusionPolicy(nn.Module):
         else:
             self._check_obs(obs)
             self._check_obs(batch["obs"])
-            both = self.condition({k: torch.cat([self._tensor(obs[k]), self._tensor(batch["obs"][k])])
+            both = self.condition({k: torch.cat([self._obs_tensor(k, obs[k]), self._obs_tensor(k, batch["obs"][k])])
                                    for k in self.obs_keys})
             cond, cond_loss = both[:B], both[B:]
         x0, noise, k = self._noised(batch["action"], generator)

@@ -1,6 +1,8 @@
-"""Encoders: every registered one builds, runs, trains and reads its inputs; DP3's is DP3's.
+"""Encoders: every registered one builds, runs, trains and reads its inputs; DP3's is DP3's;
+the image encoder is Diffusion Policy's (ResNet-18 with GroupNorm, spatial softmax, crops).
 
-Shapes: B batch, N points, C point channels, Dp agent_pos dim, Ds state dim, F out_dim.
+Shapes: B batch, N points, C point channels, Dp agent_pos dim, Ds state dim, F out_dim,
+H x W x 3|4 images (48 x 48 here: ResNet-18 keeps a 2 x 2 map of a 43-pixel crop).
 """
 
 import pytest
@@ -12,19 +14,23 @@ from sodp3d.encoders import ENCODERS, build_encoder, encoder_names, encoder_opti
 from sodp3d.encoders.dp3 import DP3Encoder
 from sodp3d.errors import UserError
 
-B, N, DP, DS = 5, 64, 9, 39
-SHAPE_META = {"point_cloud": (N, 3), "agent_pos": (DP,), "state": (DS,)}
+B, N, DP, DS, HW = 5, 64, 9, 39, 48
+SHAPE_META = {"point_cloud": (N, 3), "agent_pos": (DP,), "state": (DS,), "image": (HW, HW, 3)}
 RGB_META = {**SHAPE_META, "point_cloud": (N, 6)}
 POINT_ENCODERS = [n for n in encoder_names() if "point_cloud" in ENCODERS[n].keys]
 
 
 def make_obs(shape_meta=SHAPE_META, batch=B, seed=0):
-    """Normalised-looking observations: xyz in [-1, 1], rgb in [0, 1], the rest ~N(0, 1)."""
+    """Normalised-looking observations: xyz in [-1, 1], rgb in [0, 1], the rest ~N(0, 1);
+    images as stored, uint8."""
     g = torch.Generator().manual_seed(seed)
-    obs = {k: torch.randn((batch, *shape), generator=g) for k, shape in shape_meta.items()}
-    pc = torch.rand((batch, *shape_meta["point_cloud"]), generator=g)
-    pc[..., :3] = pc[..., :3] * 2 - 1
-    obs["point_cloud"] = pc
+    obs = {k: torch.randn((batch, *shape), generator=g) for k, shape in shape_meta.items() if k != "image"}
+    if "point_cloud" in shape_meta:
+        pc = torch.rand((batch, *shape_meta["point_cloud"]), generator=g)
+        pc[..., :3] = pc[..., :3] * 2 - 1
+        obs["point_cloud"] = pc
+    if "image" in shape_meta:
+        obs["image"] = torch.randint(0, 256, (batch, *shape_meta["image"]), generator=g, dtype=torch.uint8)
     return obs
 
 
@@ -49,7 +55,7 @@ def layernorm(c):
 
 
 def test_registry_names():
-    assert encoder_names() == ["dp3", "pointnet", "state"]
+    assert encoder_names() == ["dp3", "image", "pointnet", "state"]
     assert POINT_ENCODERS == ["dp3", "pointnet"]
 
 
@@ -320,7 +326,7 @@ def test_use_rgb_on_an_xyz_dataset_is_a_user_error(name):
 def test_unknown_encoder():
     with pytest.raises(UserError) as err:
         build_encoder("x", SHAPE_META)
-    assert str(err.value) == "unknown encoder 'x'; valid: dp3, pointnet, state"
+    assert str(err.value) == "unknown encoder 'x'; valid: dp3, image, pointnet, state"
 
 
 def test_missing_key():
@@ -356,6 +362,10 @@ def test_unknown_option(name):
         ("dp3", {**SHAPE_META, "point_cloud": (N, 4)}, {}, r"\(N, 3\).*\(N, 6\).*got \(64, 4\)"),
         ("state", {"state": (3, 13)}, {}, r"shape_meta\['state'\] must be \(D,\)"),
         ("state", {"state": "39"}, {}, r"tuple of positive integers"),
+        ("image", SHAPE_META, {"crop_ratio": 0}, r"encoder\.crop_ratio must be in \(0, 1\]"),
+        ("image", SHAPE_META, {"keypoints": -2}, r"encoder\.keypoints must be a positive integer"),
+        ("image", {**SHAPE_META, "image": (HW, HW)}, {}, r"\(H, W, 3\) for rgb or \(H, W, 4\) for rgbd, got \(48, 48\)"),
+        ("image", SHAPE_META, {"use_depth": True}, r"use_depth=true needs rgbd images.*image=rgbd"),
     ],
 )
 def test_bad_values_are_user_errors(name, shape_meta, kwargs, pattern):
@@ -367,3 +377,110 @@ def test_bad_values_are_user_errors(name, shape_meta, kwargs, pattern):
 def test_shape_meta_from_yaml_lists():
     enc = build_encoder("dp3", {"point_cloud": [N, 3], "agent_pos": [DP]})
     assert enc.shape_meta == {"point_cloud": (N, 3), "agent_pos": (DP,)}
+
+
+# ---------------------------------------------------------------- Diffusion Policy's image encoder
+
+RGBD_META = {**SHAPE_META, "image": (HW, HW, 4)}
+
+
+def test_image_encoder_is_dp_resnet18_with_groupnorm_and_spatial_softmax():
+    from torchvision.models import resnet18
+
+    enc = build("image")
+    assert enc.out_dim == 64 + 64
+    assert not [m for m in enc.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in enc.trunk.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 20 and all(m.num_groups == m.num_channels // 16 for m in norms)
+    # torchvision's ResNet-18 without its classifier, then the keypoint conv, the projection and DP3's agent_pos MLP
+    trunk = n_params(resnet18(weights=None)) - linear(512, 1000)
+    assert n_params(enc.trunk) == trunk == 11_176_512
+    assert n_params(enc) == trunk + (512 * 32 + 32) + linear(64, 64) + linear(DP, 64) + linear(64, 64) == 11_201_888
+    assert enc.crop == (43, 43)  # round(0.9 * 48); 84 -> 76 as Diffusion Policy
+    assert build("image", {**SHAPE_META, "image": (84, 84, 3)}).crop == (76, 76)
+
+
+def test_spatial_softmax_against_closed_forms():
+    from sodp3d.encoders.image import SpatialSoftmax
+
+    H, W = 4, 5
+    pool = SpatialSoftmax(8, H, W, num_kp=3)
+    maps = torch.zeros(2, 3, H, W)
+    maps[0, 0, 2, 4] = 1e4  # one-hot: that pixel's coordinates
+    maps[0, 1, 0, 0] = 1e4
+    maps[1, 2, 3, 1] = 1e4
+    kp = pool.expected_coordinates(maps)
+    torch.testing.assert_close(kp[0, 0], torch.tensor([1.0, -1 + 2 * 2 / 3]))  # x = right column, y = row 2 of 0..3
+    torch.testing.assert_close(kp[0, 1], torch.tensor([-1.0, -1.0]))
+    torch.testing.assert_close(kp[1, 2], torch.tensor([-1 + 2 * 1 / 4, 1.0]))
+    torch.testing.assert_close(kp[0, 2], torch.zeros(2))  # a flat map: the centre
+    # any map: the softmax-weighted mean of the pixel coordinates
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(2, 3, H, W, generator=g)
+    weights = torch.softmax(maps.reshape(2, 3, -1), dim=-1).reshape(2, 3, H, W)
+    xs, ys = torch.linspace(-1, 1, W), torch.linspace(-1, 1, H)
+    expected = torch.stack([(weights * xs).sum((2, 3)), (weights * ys[:, None]).sum((2, 3))], dim=-1)
+    torch.testing.assert_close(pool.expected_coordinates(maps), expected)
+    feats = torch.randn(2, 8, H, W, generator=g)
+    torch.testing.assert_close(pool(feats), pool.expected_coordinates(pool.keypoints(feats)))
+
+
+def test_image_encoder_scales_uint8_itself_and_reads_the_centre_crop():
+    enc = build("image")
+    obs = make_obs()
+    base = enc(obs)
+    # uint8 and the same values as floats give the same features: the encoder divides by 255
+    torch.testing.assert_close(enc({**obs, "image": obs["image"].float()}), base)
+    # by hand: centre crop (rows and columns 2..44 of 48), [0, 1], ResNet trunk, keypoints, projection
+    x = obs["image"][:, 2:45, 2:45].permute(0, 3, 1, 2).float() / 255
+    expected = torch.cat([enc.projection(enc.pool(enc.trunk(x)).flatten(1)), enc.agent_pos_mlp(obs["agent_pos"])], -1)
+    torch.testing.assert_close(base, expected)
+    # pixels outside the centre crop are not seen; one inside is
+    outside = obs["image"].clone()
+    outside[:, :2] = 255 - outside[:, :2]
+    outside[:, :, 45:] = 255 - outside[:, :, 45:]
+    torch.testing.assert_close(enc({**obs, "image": outside}), base, rtol=0, atol=0)
+    inside = obs["image"].clone()
+    inside[:, 20:26, 20:26] = 255 - inside[:, 20:26, 20:26]
+    assert ((enc({**obs, "image": inside}) - base).abs().amax(dim=1) > 1e-5).all()
+
+
+def test_image_encoder_random_crops():
+    """Training draws a corner per image, uniform over the positions that fit; the crop it
+    reads is the one at that corner."""
+    enc = build("image")
+    corners = enc.draw_augmentation(4000, torch.Generator().manual_seed(0))
+    assert corners.shape == (4000, 2) and corners.min() == 0 and corners.max() == HW - 43
+    assert set(corners[:, 0].tolist()) == set(range(HW - 43 + 1))  # every row offset occurs
+    again = enc.draw_augmentation(4000, torch.Generator().manual_seed(0))
+    assert torch.equal(corners, again)
+    obs = make_obs()
+    at = torch.tensor([[0, 0], [5, 5], [0, 5], [5, 0], [3, 1]])
+    x = torch.stack([obs["image"][i, r:r + 43, c:c + 43] for i, (r, c) in enumerate(at.tolist())])
+    x = x.permute(0, 3, 1, 2).float() / 255
+    expected = torch.cat([enc.image_features(x), enc.agent_pos_mlp(obs["agent_pos"])], -1)
+    torch.testing.assert_close(enc(obs, at), expected)
+    assert not torch.allclose(enc(obs, at), enc(obs))  # not the centre crop
+    assert not hasattr(build("dp3"), "draw_augmentation")  # the point encoders draw nothing
+
+
+def test_image_encoder_depth_channel():
+    with_depth = build("image", RGBD_META, use_depth=True)
+    assert with_depth.trunk[0].in_channels == 4
+    obs = make_obs(RGBD_META)
+    base = with_depth(obs)
+    changed = obs["image"].clone()
+    changed[..., 3] = 255 - changed[..., 3]
+    assert ((with_depth({**obs, "image": changed}) - base).abs().amax(dim=1) > 1e-5).all()
+    rgb_only = build("image", RGBD_META)  # rgbd data, rgb read: the depth channel is ignored
+    assert rgb_only.trunk[0].in_channels == 3
+    torch.testing.assert_close(rgb_only({**obs, "image": changed}), rgb_only(obs), rtol=0, atol=0)
+
+
+def test_torchvision_imports_through_the_shim():
+    from sodp3d.encoders.image import torchvision
+
+    tv = torchvision()
+    assert tv is torchvision()  # once
+    assert hasattr(torch.ops.torchvision, "nms")  # defined by the extension, or declared by the shim
+    assert tv.models.resnet18 is not None
