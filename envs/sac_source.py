@@ -133,14 +133,21 @@ def train_and_record(settings: ObsSettings, options: dict[str, Any], seed: int, 
 def render_episode(settings: ObsSettings, record: dict[str, Any]) -> tuple[np.ndarray, int]:
     """Point clouds (T, N, C) of a recorded episode, rendered from its stored states,
     and how many of them were padded."""
+    frames, padded = render_frames(settings, record)
+    return frames["point_cloud"], padded
+
+
+def render_frames(settings: ObsSettings, record: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+    """``render_episode``'s clouds as {'point_cloud': (T, N, C)}, with 'image' (T, H, W, 3|4)
+    from the same renders when the settings ask for images."""
     env = env_for(settings)  # PointCloudObservation over the suite env
     base = env.unwrapped
     padded_before = env.padded
-    clouds = []
+    frames = []
     for physics in record["physics"]:
         base.restore(record["model"], physics)
-        clouds.append(env.point_cloud())
-    return np.stack(clouds), env.padded - padded_before
+        frames.append(env.rendered())
+    return {k: np.stack([f[k] for f in frames]) for k in frames[0]}, env.padded - padded_before
 
 
 def _train_job(args: tuple) -> tuple[str, list[dict[str, Any]]]:
@@ -157,9 +164,9 @@ def sac_log_dir(out: str | Path, task: str) -> Path:
 
 def _render_job(args: tuple) -> dict[str, Any]:
     settings, index, record = args
-    cloud, padded = render_episode(settings, record)
+    rendered, padded = render_frames(settings, record)
     episode = {
-        "point_cloud": cloud,
+        **rendered,
         "agent_pos": record["agent_pos"].astype(np.float32),
         "state": record["state"].astype(np.float32),
         "action": record["action"],

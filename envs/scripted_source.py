@@ -79,7 +79,8 @@ def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, 
     padded_before = env.padded
     obs, _ = env.reset(seed=reset_seed)
     base = env.unwrapped
-    steps: dict[str, list] = {k: [] for k in ("point_cloud", "agent_pos", "state", "action", "reward", "success")}
+    observed = [k for k in ("point_cloud", "image", "agent_pos", "state") if k in obs]  # image: when configured
+    steps: dict[str, list] = {k: [] for k in observed + ["action", "reward", "success"]}
     stretch = 0
     for _ in range(settings.episode_length):
         if kind == "random":
@@ -98,7 +99,7 @@ def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, 
                     action = rng.uniform(-1.0, 1.0, 4)
                     stretch -= 1
         action = np.clip(action, -1.0, 1.0).astype(np.float32)
-        for k in ("point_cloud", "agent_pos", "state"):
+        for k in observed:
             steps[k].append(obs[k])
         steps["action"].append(action)
         padded_stored = env.padded  # the observations stored so far (the final one is not)

@@ -12,7 +12,7 @@ from sodp3d.data.store import EpisodeWriter
 from sodp3d.normalizer import MinMaxNormalizer
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
 
-SHAPE_META = {"point_cloud": [32, 3], "agent_pos": [9], "state": [39], "action": [4]}
+SHAPE_META = {"point_cloud": [32, 3], "agent_pos": [9], "state": [39], "image": [48, 48, 3], "action": [4]}
 Tp, To, Ta, Da = 12, 2, 8, 4
 
 
@@ -28,6 +28,7 @@ def random_obs(batch: int, gen: torch.Generator, n_obs: int = To, points: int = 
         "point_cloud": torch.rand(batch, n_obs, points, 3, generator=gen) * 2 - 0.5,
         "agent_pos": torch.randn(batch, n_obs, 9, generator=gen),
         "state": torch.randn(batch, n_obs, 39, generator=gen),
+        "image": torch.randint(0, 256, (batch, n_obs, 48, 48, 3), generator=gen, dtype=torch.uint8),
     }
 
 

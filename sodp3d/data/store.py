@@ -3,6 +3,8 @@
 Layout (T steps in all, E episodes, N points, C = 3 or 6):
 
     data/point_cloud  (T, N, C) float32   world-frame clouds
+    data/image        (T, H, W, C) uint8  the camera's image (C = 3 rgb, 4 rgbd), when collected
+                                          with env.<suite>.image; chunks of 100 steps, compressed
     data/agent_pos    (T, Dp)   float32
     data/state        (T, Ds)   float32   the env's low-dim observation
     data/action       (T, Da)   float32
@@ -49,7 +51,7 @@ FORMAT = "sodp3d-episodes"
 FORMAT_VERSION = 1
 CHUNK_STEPS = 100
 STEP_KEYS = ("point_cloud", "agent_pos", "state", "action", "reward", "success")
-_DTYPES = {"success": np.bool_}
+_DTYPES = {"success": np.bool_, "image": np.uint8}
 
 
 def _compressor() -> BloscCodec:

@@ -9,8 +9,9 @@ episode repeat its first or last step (edge padding); that is the same as clippi
 each step's index into [e0, e1 - 1], so a whole batch is one vectorised gather.
 Observations are the first To steps of the window; actions all Tp.
 
-Only observation keys the encoder reads and ``action`` are loaded: pre-training never
-touches rewards, task names or success flags. The arrays are held in memory when they
+Windows are float32, except ``image``: uint8 (H, W, C), as stored; the image encoder
+scales it. Only observation keys the encoder reads and ``action`` are loaded:
+pre-training never touches rewards, task names or success flags. The arrays are held in memory when they
 fit (under ``memory_fraction`` of the available RAM) and read from zarr otherwise. A NaN
 or infinite value in them is refused on opening, with a UserError naming the array, the
 episode and the step (otherwise training would start and diverge at its first step).
@@ -45,6 +46,20 @@ def _take(array: Any, index: np.ndarray) -> np.ndarray:
     return rows[inverse.reshape(index.shape)]
 
 
+def _dtype(key: str) -> type:
+    """Windows are float32, except images: uint8, turned into floats by the image encoder."""
+    return np.uint8 if key == "image" else np.float32
+
+
+def _itemsize(key: str) -> int:
+    return np.dtype(_dtype(key)).itemsize
+
+
+def _suite(data: EpisodeDataset) -> str:
+    suites = {t.get("suite") for t in (data.attrs.get("tasks") or {}).values() if isinstance(t, dict)}
+    return suites.pop() if len(suites) == 1 and None not in suites else "<suite>"
+
+
 class WindowDataset:
     """Windows over the union of one or more datasets."""
 
@@ -67,6 +82,9 @@ class WindowDataset:
         for path in paths:
             data = EpisodeDataset(path)
             missing = [k for k in keys if k not in data.keys]
+            if "image" in missing:
+                raise UserError(f"{path} has no 'image' observations; record them with "
+                                f"`sodp3d collect ... env.{_suite(data)}.image=rgb` (or rgbd)")
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)}, which this policy needs; it has: {', '.join(data.keys)}")
             if data.n_episodes == 0:
@@ -80,12 +98,13 @@ class WindowDataset:
                 raise UserError(f"datasets differ in per-step shapes ({diff}): {paths[0]} and {path} cannot be mixed")
             self.sources.append({"path": str(path), "data": data, "arrays": arrays})
         self.shapes: dict[str, tuple] = shapes or {}
-        need = sum(int(np.prod(s["arrays"][k].shape[1:])) * 4 * s["data"].n_steps for s in self.sources for k in keys)
+        need = sum(int(np.prod(s["arrays"][k].shape[1:])) * _itemsize(k) * s["data"].n_steps
+                   for s in self.sources for k in keys)
         self.in_memory = need <= memory_fraction * _available_memory()
         for s in self.sources:
             n = s["data"].n_steps
             if self.in_memory:
-                s["arrays"] = {k: np.asarray(a[:n], dtype=np.float32) for k, a in s["arrays"].items()}
+                s["arrays"] = {k: np.asarray(a[:n], dtype=_dtype(k)) for k, a in s["arrays"].items()}
             for k, a in s["arrays"].items():  # a NaN would only show as a nan loss at step 0
                 s["data"].refuse_non_finite(k, a)
         self._build_index()
@@ -149,7 +168,7 @@ class WindowDataset:
             order.append(sel)
         inverse = np.argsort(np.concatenate(order))
         return {
-            "obs": {k: np.concatenate(v)[inverse].astype(np.float32) for k, v in out_obs.items()},
+            "obs": {k: np.concatenate(v)[inverse].astype(_dtype(k)) for k, v in out_obs.items()},
             "action": np.concatenate(actions)[inverse].astype(np.float32),
         }
 
