@@ -31,7 +31,9 @@ METRIC_TOP_K = ("DP3-style: per task, the average of the {k} best of {n} evaluat
 
 def check_policy_fits(policy, task: str, env_cfg) -> None:
     from sodp3d.envs import make_env
+    from sodp3d.envs.settings import require_images
 
+    require_images(policy.obs_keys, task, env_cfg, "the checkpoint's policy", policy.config.shape_meta.get("image", [0])[-1])
     env = make_env(task, env_cfg)
     try:
         spaces = env.observation_space.spaces
@@ -139,7 +141,8 @@ def evaluate(policy, tasks: list[str], episodes: int, seeds: list[int], num_envs
             sr, sr_std = _mean_std(rates)
             mr, mr_std = _mean_std(rets)
             per_task.append({"task": task, "success_rate": sr, "success_rate_std": sr_std, "mean_return": mr,
-                             "mean_return_std": mr_std, "per_seed_success_rate": rates, "episodes": episodes})
+                             "mean_return_std": mr_std, "per_seed_success_rate": rates, "per_seed_mean_return": rets,
+                             "episodes": episodes})
     finally:
         bar.close()
     per_seed_avg = [float(np.mean([t["per_seed_success_rate"][i] for t in per_task])) for i in range(len(seeds))]

@@ -5,7 +5,9 @@ demo`` or ``sodp3d eval`` (a directory without one is searched for them). Runs a
 grouped into *variants*: fine-tuned runs by (regulariser, init, encoder, U-Net), and the
 pre-trained model each started from as its own variant, so a table shows pre-trained
 and fine-tuned side by side. A cell is the mean and standard deviation across seeds of
-the success rate; the average row averages the tasks within each seed first.
+the success rate; the average row averages the tasks within each seed first. A second
+table gives the mean return of the same evaluations where the runs recorded it (no
+average: tasks' rewards are on different scales).
 """
 
 from __future__ import annotations
@@ -82,10 +84,11 @@ def find_results(paths: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _pretrained_label(rec: dict[str, Any]) -> str:
+def _pretrained_label(rec: dict[str, Any], task: str) -> str:
     nets = f"({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
     if rec.get("variant") and rec.get("ckpt"):  # a sweep's run: pretrain/<mixture>-s<seed> names the data
-        return f"pre-trained on {re.sub(r'-s[0-9]+$', '', Path(str(rec['ckpt'])).name)} {nets}"
+        mixture = re.sub(r"-s[0-9]+$", "", Path(str(rec["ckpt"])).name)
+        return f"pre-trained on {'its own task' if mixture == task else mixture} {nets}"
     return f"pre-trained {nets}"
 
 
@@ -121,21 +124,24 @@ def _add_record(rec: dict[str, Any], f: Path, entries: dict[tuple, dict[str, Any
         seed = int(rec["seed"])
         for t in rec["tasks"]:
             if t.get("pretrained_success") is not None and rec["init"] == "pretrained":
-                key = (_pretrained_label(rec), rec.get("ckpt"), seed, t["task"])
+                key = (_pretrained_label(rec, t["task"]), rec.get("ckpt"), seed, t["task"])
                 entries.setdefault(key, {"variant": key[0], "seed": seed, "task": t["task"],
-                                         "success": float(t["pretrained_success"]), "history": None, "source": str(f)})
+                                         "success": float(t["pretrained_success"]), "return": t.get("pretrained_return"),
+                                         "history": None, "source": str(f)})
             if t.get("finetuned_success") is not None:
                 key = (_finetuned_label(rec), str(f), seed, t["task"])
                 entries[key] = {"variant": key[0], "seed": seed, "task": t["task"],
-                                "success": float(t["finetuned_success"]), "history": t.get("history"), "source": str(f)}
+                                "success": float(t["finetuned_success"]), "return": t.get("finetuned_return"),
+                                "history": t.get("history"), "source": str(f)}
     else:
         metrics.append(rec["metric"])
         label = f"evaluated ({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
         for t in rec["tasks"]:
-            for seed, rate in zip(rec["seeds"], t["per_seed_success_rate"]):
+            returns = t.get("per_seed_mean_return") or [None] * len(rec["seeds"])
+            for seed, rate, ret in zip(rec["seeds"], t["per_seed_success_rate"], returns):
                 key = (label, rec.get("checkpoint"), int(seed), t["task"])
                 entries[key] = {"variant": label, "seed": int(seed), "task": t["task"], "success": float(rate),
-                                "history": None, "source": str(f)}
+                                "return": ret, "history": None, "source": str(f)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -143,17 +149,25 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per variant and task: mean, std (sample, across seeds) and n; plus the average row."""
+    """Per variant and task: mean, std (sample, across seeds) and n of the success rate
+    (``cells``) and of the mean return (``return_cells``, where the runs recorded it);
+    plus the average row."""
     order = {"pre-trained": 0, "evaluated": 1, "fine-tuned": 2}
     variants = sorted(dict.fromkeys(e["variant"] for e in entries), key=lambda v: (order.get(v.split(" ")[0], 3), v))
     tasks = list(dict.fromkeys(e["task"] for e in entries))
+    return {"variants": variants, "tasks": tasks, "cells": _cells(entries, variants, tasks, "success"),
+            "return_cells": _cells(entries, variants, tasks, "return")}
+
+
+def _cells(entries: list[dict[str, Any]], variants: list[str], tasks: list[str],
+           key: str) -> dict[str, dict[str, dict[str, Any]]]:
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for v in variants:
         cells[v] = {}
         by_seed: dict[int, dict[str, float]] = {}
         for e in entries:
-            if e["variant"] == v:
-                by_seed.setdefault(e["seed"], {})[e["task"]] = float(e["success"])
+            if e["variant"] == v and e.get(key) is not None:
+                by_seed.setdefault(e["seed"], {})[e["task"]] = float(e[key])
         for t in tasks:
             vals = [s[t] for s in by_seed.values() if t in s]
             if vals:
@@ -163,7 +177,7 @@ def summarise(entries: list[dict[str, Any]]) -> dict[str, Any]:
         if complete:
             m, sd = _mean_std([float(x) for x in complete])
             cells[v]["average"] = {"mean": m, "std": sd, "n": len(complete)}
-    return {"variants": variants, "tasks": tasks, "cells": cells}
+    return cells
 
 
 def markdown(summary: dict[str, Any], metrics: list[str], files: list[Path],
@@ -190,6 +204,16 @@ def markdown(summary: dict[str, Any], metrics: list[str], files: list[Path],
     if paper:
         lines += ["", "The paper columns are its published success rates (1M fine-tuning steps per task, "
                   "50 episodes x 3 seeds; averages over its whole task set); its Meta-World tasks are v2."]
+    returns = summary.get("return_cells") or {}
+    if any(returns.get(v) for v in variants):
+        def ret(v: str, t: str) -> str:
+            c = returns.get(v, {}).get(t)
+            return "-" if c is None else f"{c['mean']:.1f} ± {c['std']:.1f} (n={c['n']})"
+
+        lines += ["", "Mean return per episode (the same evaluations), mean ± standard deviation across seeds:", "",
+                  "| task | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+        lines += [f"| {t} | " + " | ".join(ret(v, t) for v in variants) + " |"
+                  for t in tasks]  # no average: tasks' rewards are on different scales
     if failed:
         lines += ["", f"Failed runs ({len(failed)}), not in the table:"]
         lines += [f"- `{f['id']}`: {f['error']}" for f in failed]

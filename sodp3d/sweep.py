@@ -6,6 +6,7 @@ one when its device is CUDA):
 
     collect   one run per task of the data mixtures     -> <out>/data/<task>.zarr
     pretrain  one run per mixture and seed              -> <out>/pretrain/<mixture>-s<seed>/
+              (and per encoder a variant chooses:          <out>/pretrain/<mixture>-<encoder>-s<seed>/)
     finetune  one run per variant, task and seed        -> <out>/finetune/<variant>/<task>-s<seed>/
     eval      per fine-tuning run, when eval.episodes   -> <out>/eval/<variant>/<task>-s<seed>/
     report    over the finished fine-tuning runs        -> <out>/report/
@@ -29,7 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sodp3d.config import stage_config
+from sodp3d.config import config_dir, group_options, stage_config
 from sodp3d.errors import UserError
 from sodp3d.files import write_text_atomic
 
@@ -86,7 +87,7 @@ def _variant_overrides(name: str, settings: Any, finetune_cfg: DictConfig) -> di
 
     out = {}
     for key, value in flat(settings).items():
-        if key == "mixture":
+        if key == "mixture" or key == "encoder" or key.startswith("encoder."):  # pre-training's, not fine-tuning's
             continue
         if OmegaConf.select(finetune_cfg, str(key), default="__missing__") == "__missing__":
             raise UserError(f"variant '{name}' sets '{key}', which sodp3d finetune does not have "
@@ -102,6 +103,20 @@ def _variant_overrides(name: str, settings: Any, finetune_cfg: DictConfig) -> di
     return out
 
 
+def _variant_encoder(name: str, settings: dict, base: dict[str, Any]) -> dict[str, Any]:
+    """The encoder config a variant pre-trains with: the experiment's, or the one it names
+    (``encoder: image``, or ``encoder: {name: image, <option>: ...}``), from configs/encoder/."""
+    chosen = settings.get("encoder")
+    if chosen is None:
+        return base
+    chosen = {"name": chosen} if isinstance(chosen, str) else dict(chosen)
+    enc_name = str(chosen.get("name", base.get("name")))
+    if enc_name not in group_options("encoder"):
+        raise UserError(f"variant '{name}': unknown encoder '{enc_name}'; valid: {', '.join(group_options('encoder'))}")
+    own = OmegaConf.to_container(OmegaConf.load(config_dir() / "encoder" / f"{enc_name}.yaml"), resolve=True)
+    return {**own, **chosen, "name": enc_name}
+
+
 def plan(cfg: DictConfig) -> list[Run]:
     """Every run of the experiment, in an order where a run comes after the runs it needs."""
     out = Path(str(cfg.root)) / str(cfg.name)
@@ -111,35 +126,49 @@ def plan(cfg: DictConfig) -> list[Run]:
         raise UserError(f"seeds must list integers, e.g. seeds=[0,1,2], got {seeds!r}")
     tasks = _tasks(cfg.task)
     ft_tasks = _tasks(cfg.finetune_task) if cfg.get("finetune_task") is not None else tasks
-    mixtures = {str(k): _tasks(v) for k, v in (OmegaConf.to_container(cfg.mixtures) or {}).items()} \
-        if cfg.get("mixtures") else {"all": tasks}
+    per_task = cfg.get("mixtures") == "per_task"  # one model per task, on its own data (Adroit: action dims differ)
+    if per_task:
+        mixtures = {t: [t] for t in dict.fromkeys(tasks + ft_tasks)}
+    else:
+        mixtures = {str(k): _tasks(v) for k, v in (OmegaConf.to_container(cfg.mixtures) or {}).items()} \
+            if cfg.get("mixtures") else {"all": tasks}
     variants = OmegaConf.to_container(cfg.variants, resolve=True) if cfg.get("variants") else {str(cfg.reg): {}}
     if not variants:
         raise UserError("variants must name at least one setting, e.g. variants={bc:{reg:bc}}")
     device, gpus = _device(cfg)
     wandb = OmegaConf.to_container(cfg.wandb, resolve=True)
-    per_task = OmegaConf.to_container(cfg.collect_per_task, resolve=True) if cfg.get("collect_per_task") else {}
+    collect_extra = OmegaConf.to_container(cfg.collect_per_task, resolve=True) if cfg.get("collect_per_task") else {}
 
     runs: list[Run] = []
     data: dict[str, Run] = {}
     for task in dict.fromkeys(t for m in mixtures.values() for t in m):
         extra = {"task": [task], "out": str(out / "data" / f"{task}.zarr"), "seed": int(cfg.seed),
-                 **(per_task.get(task) or {})}
+                 **(collect_extra.get(task) or {})}
         c = stage_config("collect", cfg, "collect", extra)
         data[task] = Run(f"collect/{task}", "collect", out / "data" / f"{task}.zarr", _plain(c),
                          cpus=float(max(1, int(c.workers))))
     runs += data.values()
 
-    pretrained: dict[tuple[str, int], Run] = {}
-    for mixture, m_tasks in mixtures.items():
-        for seed in seeds:
-            d = out / "pretrain" / f"{mixture}-s{seed}"
-            c = stage_config("pretrain", cfg, "pretrain", {
-                "data": ",".join(str(data[t].dir) for t in m_tasks), "out": str(d), "resume": True, "seed": seed,
-                "device": device, "wandb": wandb}, groups=("encoder", "policy"))
-            pretrained[(mixture, seed)] = Run(f"pretrain/{mixture}-s{seed}", "pretrain", d, _plain(c),
-                                              needs=[data[t].id for t in m_tasks], gpus=gpus)
+    # One pre-training per mixture, seed and encoder: the experiment's encoder, and any a variant names.
+    base_encoder = OmegaConf.to_container(cfg.encoder, resolve=True)
+    encoders = {"": base_encoder}
+    for variant, settings in variants.items():
+        enc = _variant_encoder(str(variant), settings or {}, base_encoder)
+        if enc != base_encoder:
+            encoders[f"-{enc['name']}" if f"-{enc['name']}" not in encoders else f"-{variant}"] = enc
+    pretrained: dict[tuple[str, int, str], Run] = {}
+    for tag, encoder in encoders.items():
+        for mixture, m_tasks in mixtures.items():
+            for seed in seeds:
+                d = out / "pretrain" / f"{mixture}{tag}-s{seed}"
+                c = stage_config("pretrain", cfg, "pretrain", {
+                    "data": ",".join(str(data[t].dir) for t in m_tasks), "out": str(d), "resume": True, "seed": seed,
+                    "device": device, "wandb": wandb}, groups=("encoder", "policy"))
+                c.encoder = encoder
+                pretrained[(mixture, seed, tag)] = Run(f"pretrain/{mixture}{tag}-s{seed}", "pretrain", d, _plain(c),
+                                                       needs=[data[t].id for t in m_tasks], gpus=gpus)
     runs += pretrained.values()
+    encoder_tag = {json.dumps(e, sort_keys=True): tag for tag, e in encoders.items()}
 
     ft_base = stage_config("finetune", cfg, "finetune", {}, groups=("algo",))
     ft_cpus = _cpus(cfg, int(ft_base.num_envs))
@@ -147,12 +176,16 @@ def plan(cfg: DictConfig) -> list[Run]:
     for variant, settings in variants.items():
         overrides = _variant_overrides(str(variant), settings or {}, ft_base)
         mixture = str((settings or {}).get("mixture", first))
+        if per_task and "mixture" in (settings or {}):
+            raise UserError(f"variant '{variant}' names a mixture; with mixtures=per_task each task is "
+                            "fine-tuned from the model pre-trained on its own data")
         if mixture not in mixtures:
             raise UserError(f"variant '{variant}' pre-trains on mixture '{mixture}'; valid: {', '.join(mixtures)}")
+        tag = encoder_tag[json.dumps(_variant_encoder(str(variant), settings or {}, base_encoder), sort_keys=True)]
         for task in ft_tasks:
             for seed in seeds:
                 d = out / "finetune" / str(variant) / f"{task}-s{seed}"
-                pre = pretrained[(mixture, seed)]
+                pre = pretrained[(task if per_task else mixture, seed, tag)]
                 c = stage_config("finetune", cfg, "finetune", {
                     "ckpt": str(pre.dir), "task": task, "out": str(d), "resume": True, "seed": seed,
                     "device": device, "wandb": wandb, "variant": str(variant)}, groups=("algo",))

@@ -6,8 +6,8 @@ regulariser (sodp3d.finetune.ppo) until the env-step budget is spent, evaluating
 the way and at the end. Every update ends in an atomic checkpoint; ``resume=true``
 continues a killed run, and a finished task is not redone.
 
-The record (results.json) holds per task the success before and after fine-tuning at
-each evaluation eta, with the learning curve; ``sodp3d report`` reads it.
+The record (results.json) holds per task the success and mean return before and after
+fine-tuning at each evaluation eta, with the learning curve; ``sodp3d report`` reads it.
 """
 
 from __future__ import annotations
@@ -69,13 +69,17 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
     # One DDIM sampler per evaluation eta; eta = 1 is the sampler fine-tuning optimises.
     samplers = [policy.ddim(e, float(algo.min_std)) for e in etas]
 
-    def rate_of(tag: str, eta: float) -> float | None:
-        return next((e["success_rate"] for e in state["evals"] if e["tag"] == tag and e.get("eta", 0.0) == eta), None)
+    def rate_of(tag: str, eta: float, key: str = "success_rate") -> float | None:
+        return next((e[key] for e in state["evals"] if e["tag"] == tag and e.get("eta", 0.0) == eta), None)
 
     def summary(final: float | None) -> dict[str, Any]:
         return {"task": task, "reg": ft.reg_name, "init": str(cfg.init), "env_steps": state["env_steps"],
                 "pretrained_success": state["pretrained_eval"], "finetuned_success": final,
-                "by_eta": [{"eta": e, "pretrained_success": rate_of("initial", e), "finetuned_success": rate_of("final", e)}
+                "pretrained_return": rate_of("initial", etas[0], "mean_return"),
+                "finetuned_return": rate_of("final", etas[0], "mean_return"),
+                "by_eta": [{"eta": e, "pretrained_success": rate_of("initial", e), "finetuned_success": rate_of("final", e),
+                            "pretrained_return": rate_of("initial", e, "mean_return"),
+                            "finetuned_return": rate_of("final", e, "mean_return")}
                            for e in etas],
                 "updates": ft.updates, "history": state["history"], "evals": state["evals"]}
 
@@ -181,6 +185,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_payload, refuse_foreign_frame
     from sodp3d.envs import resolve_tasks
+    from sodp3d.envs.settings import require_images
 
     if cfg.get("ckpt") in (None, "???"):
         raise UserError("no checkpoint; pass ckpt=<pre-trained checkpoint or run dir>")
@@ -204,6 +209,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.env = acting_env_config(cfg.env, payload)
     del payload
     out = Path(str(cfg.out))
+    for task in tasks:  # every task's observations checked before any task's run is written
+        require_images(pretrained.obs_keys, task, cfg.env, "the checkpoint's policy",
+                       pretrained.config.shape_meta.get("image", [0])[-1])
     summaries = []
     for task in tasks:
         run = out / task if len(tasks) > 1 else out
