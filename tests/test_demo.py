@@ -86,8 +86,8 @@ def test_help_lists_every_command_and_each_commands_groups(capsys):
         assert f"\n  {name} " in top
     assert set(COMMANDS) == {"demo", "collect", "pretrain", "finetune", "eval", "viz", "sweep", "report"}
     expect = {"demo": ["env:", "encoder:", "policy:", "algo: cpu, sodp",
-                       "experiment: ablation-cpu, adroit-paper, mt10-paper, smoke, transfer-cpu", "Tasks"],
-              "pretrain": ["encoder: dp3, pointnet, state", "policy: paper, simple, tiny"],
+                       "experiment: ablation-cpu, adroit-cpu, adroit-paper, image-vs-dp3-cpu, mt10-paper, smoke, transfer-cpu", "Tasks"],
+              "pretrain": ["encoder: dp3, image, pointnet, state", "policy: paper, simple, tiny"],
               "finetune": ["algo: cpu, sodp  (default: sodp)", "Tasks"], "report": ["runs:"],
               "viz": ["ckpt:", "data:"], "eval": ["Tasks"], "collect": ["source:"],
               "sweep": ["Experiments (experiment=<name>):", "smoke: 8 runs (2 collect, 2 pretrain, 4 finetune)",
