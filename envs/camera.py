@@ -94,10 +94,11 @@ class DepthCamera:
         # The offscreen buffer limits the size; grow it for this model if asked for more.
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+        # With an image, one renderer gives colour and depth (render()); the depth-only one
+        # is built when depth() is first called, which observing never does then.
         self._depth_renderer = self._rgb_renderer = None
-        self._depth_renderer = _renderer(model, self.height, self.width)
-        self._depth_renderer.enable_depth_rendering()
-        self._rgb_renderer = None
+        if not image:
+            self._depth_renderer = self._new_depth_renderer()
         if image:  # colour and depth from one render of this renderer (see render())
             samples, model.vis.quality.offsamples = model.vis.quality.offsamples, 0
             try:  # no multisampling: a resolved multisample depth buffer is off by a sub-pixel
@@ -116,8 +117,15 @@ class DepthCamera:
         self.depth_trunc = 0.99 * self.far
 
     # -- rendering -------------------------------------------------------------------
+    def _new_depth_renderer(self) -> mujoco.Renderer:
+        renderer = _renderer(self.model, self.height, self.width)
+        renderer.enable_depth_rendering()
+        return renderer
+
     def depth(self, data: mujoco.MjData) -> np.ndarray:
         """Metric depth along the optical axis, (H, W) float32, row 0 at the top."""
+        if self._depth_renderer is None:
+            self._depth_renderer = self._new_depth_renderer()
         self._depth_renderer.update_scene(data, camera=self.cam_id)
         return self._depth_renderer.render()
 

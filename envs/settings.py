@@ -175,16 +175,16 @@ def with_recorded_settings(env_cfg: DictConfig | dict | None, recorded: dict[str
     return OmegaConf.create(cfg)
 
 
-def require_images(keys: tuple[str, ...] | list[str], task: str, env_cfg: DictConfig | dict | None,
-                   what: str = "the policy", channels: int = 3) -> None:
+def require_images(policy, task: str, env_cfg: DictConfig | dict | None) -> None:
     """Refuse, in one line, to act with a policy that reads ``image`` where the env
     settings of ``task`` give none (a checkpoint trained on images, evaluated on a task
     its data did not record, or with image=null): what is missing and how to get it."""
+    keys = policy.obs_keys
     if "image" not in keys:
         return
     s = task_settings(task, env_cfg)
     if s.image is None:
-        mode = "rgbd" if channels == 4 else "rgb"
-        raise UserError(f"{what} reads 'image' observations, which the env settings of {task} do not give "
+        mode = "rgbd" if policy.config.shape_meta["image"][-1] == 4 else "rgb"
+        raise UserError(f"the checkpoint's policy reads 'image' observations, which the env settings of {task} do not give "
                         f"(env.{s.suite}.image is null); act with env.{s.suite}.image={mode}, and record data "
                         f"with them: `sodp3d collect task={task} env.{s.suite}.image={mode} out=...`")

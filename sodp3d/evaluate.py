@@ -33,7 +33,7 @@ def check_policy_fits(policy, task: str, env_cfg) -> None:
     from sodp3d.envs import make_env
     from sodp3d.envs.settings import require_images
 
-    require_images(policy.obs_keys, task, env_cfg, "the checkpoint's policy", policy.config.shape_meta.get("image", [0])[-1])
+    require_images(policy, task, env_cfg)
     env = make_env(task, env_cfg)
     try:
         spaces = env.observation_space.spaces

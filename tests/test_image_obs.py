@@ -23,6 +23,7 @@ from sodp3d.envs.wrappers import PointCloudObservation, find_wrapper
 
 from sodp3d.cli import main
 from sodp3d.data.store import EpisodeDataset
+from store_kit import assert_one_line_error
 
 SMALL = ["env.metaworld.resolution=[48,48]", "env.metaworld.num_points=64"]
 TINY = ["policy=tiny", "batch_size=4", "device=cpu", "wandb.mode=disabled", "optim.warmup_steps=1", "log_every=1",
@@ -38,11 +39,7 @@ def env_cfg(**metaworld):
 
 
 def one_line_error(capsys, rc, command):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith(f"sodp3d {command}: error:"), err
-    assert "Traceback" not in err[0]
-    return err[0]
+    return assert_one_line_error(rc, *capsys.readouterr(), command)
 
 
 # ---------------------------------------------------------------------------- geometry

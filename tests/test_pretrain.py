@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from store_kit import assert_one_line_error
+
 from sodp3d.checkpoint import load_checkpoint
 from sodp3d.cli import main
 
@@ -33,11 +35,7 @@ def pretrain(dataset, out, *extra):
 
 
 def one_line_error(capsys, rc, command):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith(f"sodp3d {command}: error:"), err
-    assert "Traceback" not in err[0]
-    return err[0]
+    return assert_one_line_error(rc, *capsys.readouterr(), command)
 
 
 def losses(run: Path) -> list[float]:

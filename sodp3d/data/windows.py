@@ -19,6 +19,8 @@ episode and the step (otherwise training would start and diverge at its first st
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,8 +130,6 @@ class WindowDataset:
     def subset(self, windows: np.ndarray) -> "WindowDataset":
         """A view of the same arrays holding only ``windows`` (positions in the index): one
         side of a train / validation split."""
-        import copy
-
         view = copy.copy(self)
         view.index = self.index[np.asarray(windows, dtype=np.int64)]
         return view

@@ -210,8 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     del payload
     out = Path(str(cfg.out))
     for task in tasks:  # every task's observations checked before any task's run is written
-        require_images(pretrained.obs_keys, task, cfg.env, "the checkpoint's policy",
-                       pretrained.config.shape_meta.get("image", [0])[-1])
+        require_images(pretrained, task, cfg.env)
     summaries = []
     for task in tasks:
         run = out / task if len(tasks) > 1 else out
