@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -17,6 +18,25 @@ from .wrappers import ActionChunking, PointCloudObservation
 def ensure_headless_gl() -> None:
     """MuJoCo renders offscreen through EGL unless the user chose another backend."""
     os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+# What every environment worker imports. A fork server imports them once; each worker is
+# then forked from it with them loaded (about 0.4 s per worker instead of 1.3 s from a
+# fresh interpreter). None of them opens a GL context or an EGL display (MuJoCo opens
+# its display when the first renderer is made, in the worker), so no GL state crosses a
+# fork. Modules that are not installed are skipped.
+WORKER_PRELOAD = ("sodp3d.envs.factory", "sodp3d.envs.workers", "metaworld")
+
+
+def worker_start_method() -> str:
+    """How every environment worker process starts: "forkserver", with the environment
+    modules preloaded, where the platform has one (Linux, macOS), else "spawn". Neither
+    shares GL state with this process."""
+    ensure_headless_gl()  # before the fork server starts: it and its workers inherit it
+    if "forkserver" not in mp.get_all_start_methods():
+        return "spawn"
+    mp.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+    return "forkserver"
 
 
 def make_env(
@@ -51,9 +71,10 @@ def make_vector_env(
     """``num_envs`` copies (cycled over ``tasks``), one process each when asynchronous.
 
     Seeding: ``vec.reset(seed=s)`` seeds env i with s + i (or ``seed=[...]`` one each),
-    so a run is reproducible. Workers are started with 'spawn' so that no GL context
-    crosses a fork. Autoreset is gymnasium's default (NEXT_STEP): the step that ends an
-    episode returns that episode's last observation and info.
+    so a run is reproducible. Workers start as ``worker_start_method()`` says (a fork
+    server with the environment modules loaded), so no GL context crosses a fork.
+    Autoreset is gymnasium's default (NEXT_STEP): the step that ends an episode returns
+    that episode's last observation and info.
     """
     ensure_headless_gl()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -67,5 +88,5 @@ def make_vector_env(
         partial(make_env, tasks[i % len(tasks)], env_cfg, **kwargs) for i in range(num_envs)
     ]
     if asynchronous and num_envs > 1:
-        return gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=autoreset_mode)
+        return gym.vector.AsyncVectorEnv(fns, context=worker_start_method(), autoreset_mode=autoreset_mode)
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=autoreset_mode)

@@ -34,6 +34,7 @@ from sodp3d.errors import UserError
 
 from .settings import ObsSettings
 from .suites import make_suite_env
+from .factory import worker_start_method
 from .workers import env_for, episode_rng, init_worker
 
 
@@ -201,7 +202,7 @@ def run_sac_jobs(
     out = cfg.get("out")
     train = [(settings[t], options, seed, max(idx) + 1, str(sac_log_dir(out, t)) if out else None)
              for t, idx in wanted.items()]
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(worker_start_method())
     n_proc = max(1, min(workers, len(train)))
     records: dict[str, list[dict[str, Any]]] = {}
     if n_proc == 1:

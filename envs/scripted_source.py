@@ -22,6 +22,7 @@ from sodp3d.errors import UserError
 
 from .settings import ObsSettings
 from .tasks import suite_of
+from .factory import worker_start_method
 from .workers import env_for, episode_rng, init_worker
 
 
@@ -135,6 +136,6 @@ def run_scripted_jobs(
         for job in jobs:
             yield _scripted_job(job)
         return
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(worker_start_method())
     with ctx.Pool(min(workers, len(jobs)), initializer=init_worker) as pool:
         yield from pool.imap(_scripted_job, jobs, chunksize=1)
