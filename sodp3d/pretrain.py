@@ -33,7 +33,7 @@ from sodp3d.data.windows import WindowDataset
 from sodp3d.errors import UserError
 from sodp3d.normalizer import MinMaxNormalizer
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
-from sodp3d.runs import RunLogger, keep_host_memory, refuse_existing, resolve_device, write_config, write_results
+from sodp3d.runs import RunLogger, adam_kwargs, keep_host_memory, refuse_existing, resolve_device, write_config, write_results
 
 # Per suite: horizon Tp, observed To, executed Ta (REFERENCE section 1).
 HORIZONS = {"metaworld": (12, 2, 8), "adroit": (4, 2, 3)}
@@ -87,14 +87,20 @@ def policy_config(cfg: DictConfig, shape_meta: dict[str, list[int]], suite: str)
     )
 
 
-def ema_avg_fn(power: float = 0.75, max_decay: float = 0.9999):
+def ema_decay(num_averaged: int, power: float = 0.75, max_decay: float = 0.9999) -> float:
     """EMA with warm-up (as Diffusion Policy): decay = 1 - (1 + n)^-power, capped."""
+    return min(max_decay, 1.0 - (1.0 + num_averaged) ** -power)
 
-    def fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        decay = min(max_decay, 1.0 - (1.0 + float(num_averaged)) ** -power)
-        return averaged * decay + current * (1.0 - decay)
+
+def ema_multi_avg_fn(power: float = 0.75, max_decay: float = 0.9999):
+    """The EMA step on all tensors of one device and dtype at once (one foreach lerp):
+    averaged <- decay * averaged + (1 - decay) * current."""
+
+    def fn(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        torch._foreach_lerp_(averaged, current, 1.0 - ema_decay(int(num_averaged), power, max_decay))
 
     return fn
+
 
 
 def lr_lambda(warmup: int, total: int):
@@ -134,11 +140,12 @@ class Trainer:
         self.loss_fn = distributed.loss_module(ranks, self.policy, device)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            policy.parameters(), lr=float(o.lr), betas=tuple(o.betas), weight_decay=float(o.weight_decay)
+            policy.parameters(), lr=float(o.lr), betas=tuple(o.betas), weight_decay=float(o.weight_decay),
+            **adam_kwargs(device),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(int(o.warmup_steps), int(cfg.steps)))
         self.ema = torch.optim.swa_utils.AveragedModel(
-            policy, avg_fn=ema_avg_fn(float(cfg.ema.power), float(cfg.ema.max_decay)), use_buffers=True
+            policy, multi_avg_fn=ema_multi_avg_fn(float(cfg.ema.power), float(cfg.ema.max_decay)), use_buffers=True
         )
         self.grad_clip = float(o.grad_clip) if o.get("grad_clip") else None
         self.bf16 = precision(cfg) == "bf16"

@@ -389,3 +389,25 @@ def test_validation_under_two_processes_matches_one_process(dataset, tmp_path):
     assert two["processes"] == 2 and [s for s, _ in two["val_history"]] == [2, 4]
     for (s1, v1), (s2, v2) in zip(one["val_history"], two["val_history"]):
         assert s1 == s2 and abs(v1 - v2) < 1e-4 * max(1.0, abs(v1)), (one["val_history"], two["val_history"])
+
+
+def test_ema_follows_its_closed_form():
+    """The EMA (one foreach lerp per step) is Diffusion Policy's warm-up average:
+    e_0 = w_0, e_n = d_n e_{n-1} + (1 - d_n) w_n with d_n = min(0.9999, 1 - (1 + n)^-0.75)."""
+    from sodp3d.pretrain import ema_decay, ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(0.75, 0.9999), use_buffers=True)
+    expected = None
+    for n in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p))
+        ema.update_parameters(model)
+        w = torch.cat([p.detach().flatten() for p in model.parameters()])
+        d = ema_decay(n)
+        expected = w.clone() if expected is None else d * expected + (1 - d) * w
+        got = torch.cat([p.detach().flatten() for p in ema.module.parameters()])
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert ema_decay(1) == pytest.approx(1 - 2 ** -0.75) and ema_decay(10 ** 9) == 0.9999

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.diffusion import DDIMSampler
 from sodp3d.errors import UserError
 from sodp3d.policy import DiffusionPolicy
+from sodp3d.runs import adam_kwargs
 
 from .buffer import TargetBuffer
 from .regularisers import REGULARISERS
@@ -89,7 +90,7 @@ class FineTuner:
         self.bc_batch_size = int(a.get("bc_batch_size") or a.batch_size)
         self.normalize_reward = bool(a.normalize_reward)
         self.grad_clip = float(a.grad_clip)
-        self.optimizer = torch.optim.Adam(policy.parameters(), lr=float(a.lr))
+        self.optimizer = torch.optim.Adam(policy.parameters(), lr=float(a.lr), **adam_kwargs(device))
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=float(a.lr_decay))
         self.buffer = TargetBuffer(int(a.buffer_capacity), int(a.top_n))
         self.rng = np.random.default_rng(seed)
