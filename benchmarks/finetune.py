@@ -136,6 +136,16 @@ def peak_mb(pid: int | str = "self") -> float:
     return float("nan")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the processes have used so far, seconds summed over them."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / tick
+
+
 def resident_mb() -> float:
     import resource
 
@@ -174,21 +184,29 @@ def main() -> None:
 
 def measure(args, bare: Bare, vec, ft: FineTuner, E: int) -> list[dict]:
     rng = np.random.default_rng(0)
-    vec.reset(seed=list(range(E)))  # the workers are up (spawned, GL contexts made) before timing
+    vec.reset(seed=list(range(E)))  # the workers are up (started, GL contexts made) before timing
+    workers = [p.pid for p in getattr(vec, "processes", [])]
     rows = []
     for r in range(args.rounds):
         seeds = [1000 * (r + 1) + j for j in range(E)]
         bare_steps = 300
         bare_s = bare.step(bare_steps)
+        w0 = cpu_seconds(workers)
         ceil_steps, ceil_s = ceiling_episode(vec, rng, seeds)
+        w1, m1 = cpu_seconds(workers), time.process_time()
         ro = collect_rollout(ft.policy, vec, ft.sampler, seeds, ft.torch_gen)
+        w2, m2 = cpu_seconds(workers), time.process_time()
         ft.buffer.add(ro.trajectories)
         t = time.perf_counter()
         stats = ft.update(ro)
         upd_s = time.perf_counter() - t
+        m3 = time.process_time()
         row = {"bare": bare_steps / bare_s, "ceiling": ceil_steps / ceil_s, "steps": ro.env_steps,
                "collect_s": ro.seconds, "update_s": upd_s, "grad_steps": stats["gradient_steps"],
-               "rss": resident_mb()}
+               "rss": resident_mb(), "ceil_steps": ceil_steps, "ceil_s": ceil_s,
+               # CPU seconds: the workers in the ceiling and in collection; this process's
+               # sampling (collection) and update
+               "cpu_ceiling": w1 - w0, "cpu_workers": w2 - w1, "cpu_sampling": m2 - m1, "cpu_update": m3 - m2}
         if r == 0 and args.eval_episodes > 0:
             gen = torch.Generator(device=ft.device).manual_seed(0)
             t = time.perf_counter()
@@ -232,10 +250,34 @@ def report(args, cfg, bare: Bare, rows: list[dict], ft: FineTuner, E: int, worke
     print(f"\nupdate: {upd:.2f} s per round, {upd / g * 1e3:.0f} ms per gradient step (reg={args.reg})")
     print(f"peak resident memory: main process {peak_mb():.0f} MB, {E} env workers {worker_peak:.0f} MB together; "
           f"main process resident after round 1: {rows[0]['rss']:.0f} MB, after round {len(rows)}: {rows[-1]['rss']:.0f} MB")
+    cpu_table(rows)
     print(f"at the loop's rate, 1M environment steps (the paper's budget per task) take {1e6 / loop_sps / 3600:.1f} h")
     vb, vc = loop_sps / bare_sps, loop_sps / ceil_sps
     print(f"loop {vb:.2f}x bare ({'meets' if vb >= TARGET_BARE else 'misses'} >= {TARGET_BARE}), "
           f"{vc:.2f}x ceiling ({'meets' if vc >= TARGET_CEILING else 'misses'} >= {TARGET_CEILING})")
+
+
+def cpu_table(rows: list[dict]) -> None:
+    """Where the CPU time goes, per 1000 env steps. With every core busy, the loop's rate is
+    at most cores / (all of it); 0.5x the ceiling needs sampling + update to cost no more CPU
+    time than the environments do."""
+    steps, ceil_steps = sum(x["steps"] for x in rows), sum(x["ceil_steps"] for x in rows)
+    per = {k: 1000 * sum(x[k] for x in rows) / steps for k in ("cpu_workers", "cpu_sampling", "cpu_update")}
+    ceiling = 1000 * sum(x["cpu_ceiling"] for x in rows) / ceil_steps
+    cores = os.cpu_count() or 1
+    total = sum(per.values())
+    print(f"\nCPU seconds per 1000 env steps ({cores} cores):")
+    print("| part | CPU s / 1000 steps |")
+    print("|---|---:|")
+    print(f"| ceiling: the environments alone | {ceiling:.2f} |")
+    print(f"| loop: environments (workers) | {per['cpu_workers']:.2f} |")
+    print(f"| loop: sampling chains (this process) | {per['cpu_sampling']:.2f} |")
+    print(f"| loop: update (this process) | {per['cpu_update']:.2f} |")
+    print(f"| loop: all | {total:.2f} |")
+    wall = 1000 * sum(x["ceil_s"] for x in rows) / ceil_steps
+    print(f"sampling + update / environments: {(per['cpu_sampling'] + per['cpu_update']) / per['cpu_workers']:.2f} "
+          f"(0.5x the ceiling needs <= 1 where the ceiling keeps all {cores} cores busy; it used "
+          f"{ceiling / wall:.1f} of them)")
 
 
 if __name__ == "__main__":
