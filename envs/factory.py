@@ -31,7 +31,9 @@ WORKER_PRELOAD = ("sodp3d.envs.factory", "sodp3d.envs.workers", "metaworld")
 def worker_start_method() -> str:
     """How every environment worker process starts: "forkserver", with the environment
     modules preloaded, where the platform has one (Linux, macOS), else "spawn". Neither
-    shares GL state with this process."""
+    shares GL state with this process. The fork server starts with the first workers and
+    keeps the environment variables of that moment (MUJOCO_GL among them) for all later
+    workers of this process."""
     ensure_headless_gl()  # before the fork server starts: it and its workers inherit it
     if "forkserver" not in mp.get_all_start_methods():
         return "spawn"
