@@ -32,9 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sodp3d.errors import UserError
 
+from .factory import worker_start_method
 from .settings import ObsSettings
 from .suites import make_suite_env
-from .factory import worker_start_method
 from .workers import env_for, episode_rng, init_worker
 
 

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sodp3d.errors import UserError
 
+from .factory import worker_start_method
 from .settings import ObsSettings
 from .tasks import suite_of
-from .factory import worker_start_method
 from .workers import env_for, episode_rng, init_worker
 
 

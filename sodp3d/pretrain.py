@@ -102,7 +102,6 @@ def ema_multi_avg_fn(power: float = 0.75, max_decay: float = 0.9999):
     return fn
 
 
-
 def lr_lambda(warmup: int, total: int):
     def fn(step: int) -> float:
         if step < warmup:
