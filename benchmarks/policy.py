@@ -35,7 +35,7 @@ from sodp3d.data.store import EpisodeWriter  # noqa: E402
 from sodp3d.data.windows import WindowDataset  # noqa: E402
 from sodp3d.normalizer import MinMaxNormalizer  # noqa: E402
 from sodp3d.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
-from sodp3d.runs import keep_host_memory, resolve_device  # noqa: E402
+from sodp3d.runs import adam_kwargs, keep_host_memory, resolve_device  # noqa: E402
 
 def meta(points: int, image: int | None = None) -> dict[str, list[int]]:
     out = {"point_cloud": [points, 3], "agent_pos": [9], "state": [39], "action": [4]}
@@ -86,7 +86,7 @@ def bench(preset: str, device: torch.device, data: WindowDataset, seconds: float
     arrays = data.arrays_for_fit()
     policy.normalizer = MinMaxNormalizer.fit({k: arrays[k] for k in policy.normalizer.dims})
     policy = policy.to(device)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, **adam_kwargs(device))  # as pre-training's
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     batch_size = batch or (256 if (device.type == "cuda" or preset != "paper") else 16)
     rng = np.random.default_rng(0)

@@ -97,16 +97,21 @@ class DepthCamera:
         # With an image, one renderer gives colour and depth (render()); the depth-only one
         # is built when depth() is first called, which observing never does then.
         self._depth_renderer = self._rgb_renderer = None
-        if not image:
-            self._depth_renderer = self._new_depth_renderer()
         if image:  # colour and depth from one render of this renderer (see render())
             samples, model.vis.quality.offsamples = model.vis.quality.offsamples, 0
             try:  # no multisampling: a resolved multisample depth buffer is off by a sub-pixel
                 self._rgb_renderer = _renderer(model, self.height, self.width)
             finally:
                 model.vis.quality.offsamples = samples
-        elif rgb:
-            self._rgb_renderer = _renderer(model, self.height, self.width)
+            # The reversed-z depth buffer -> metric depth constants, as Renderer.render has them.
+            extent = model.stat.extent
+            znear, zfar = np.float32(model.vis.map.znear * extent), np.float32(model.vis.map.zfar * extent)
+            self._depth_c = np.float32(-0.5) * (-(zfar + znear) / (zfar - znear)) - np.float32(0.5)
+            self._depth_d = np.float32(-0.5) * (-(np.float32(2) * zfar * znear) / (zfar - znear))
+        else:
+            self._depth_renderer = self._new_depth_renderer()
+            if rgb:
+                self._rgb_renderer = _renderer(model, self.height, self.width)
         fovy = np.deg2rad(model.cam_fovy[cam_id])
         self.focal = 0.5 * self.height / np.tan(0.5 * fovy)
         self.intrinsic = o3d.camera.PinholeCameraIntrinsic(
@@ -156,11 +161,7 @@ class DepthCamera:
         raw = np.empty((self.height, self.width), np.float32)
         mujoco.mjr_render(r._rect, r._scene, r._mjr_context)
         mujoco.mjr_readPixels(rgb, raw, r._rect, r._mjr_context)
-        extent = self.model.stat.extent  # reversed-z depth buffer -> metric depth, in float64
-        znear, zfar = np.float32(self.model.vis.map.znear * extent), np.float32(self.model.vis.map.zfar * extent)
-        c = np.float32(-0.5) * (-(zfar + znear) / (zfar - znear)) - np.float32(0.5)
-        d = np.float32(-0.5) * (-(np.float32(2) * zfar * znear) / (zfar - znear))
-        depth = (d / (raw.astype(np.float64) + c)).astype(np.float32)
+        depth = (self._depth_d / (raw.astype(np.float64) + self._depth_c)).astype(np.float32)  # metric, via float64
         return np.ascontiguousarray(np.flipud(rgb)), np.ascontiguousarray(np.flipud(depth))
 
     def image(self, rgb: np.ndarray, depth: np.ndarray) -> np.ndarray:

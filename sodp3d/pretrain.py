@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -282,8 +283,6 @@ def _cloud_frame(cfg: DictConfig, dataset: WindowDataset, main: bool) -> str:
     """The frame of the training clouds ("world", or "dp3" when any store is in DP3's
     layout), said in one line per DP3 store; periodic evaluation in sodp3d's environments
     on such clouds is refused unless ``allow_foreign_frame``."""
-    import sys
-
     from sodp3d.data.store import DP3_FRAME, FRAME_NOTES, WORLD_FRAME
 
     frames = {s["data"].cloud_frame for s in dataset.sources}
@@ -322,12 +321,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = distributed.start(ranks, resolve_device(str(cfg.device)))
     keep_host_memory()
     try:
-        return _run(cfg, paths, run, steps, device, ranks)
+        return _run(cfg, paths, run, steps, val_ratio, device, ranks)
     finally:
         distributed.stop(ranks)
 
 
-def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch.device,
+def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, val_ratio: float, device: torch.device,
          ranks: distributed.Ranks) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -340,13 +339,10 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
     _record_data_settings(cfg, paths)
     dataset = WindowDataset(paths, ENCODERS[enc_name].keys, *horizons(cfg, suite))
     cloud_frame = _cloud_frame(cfg, dataset, ranks.main)
-    val_ratio = float(cfg.get("val_ratio", 0.0) or 0.0)
     held = held_out_episodes(dataset, val_ratio, int(cfg.seed)) if val_ratio > 0 else {}
     all_windows = dataset
     dataset, val_windows = split_windows(all_windows, held)
     if val_ratio > 0 and not held and ranks.main:
-        import sys
-
         print(f"sodp3d pretrain: val_ratio={val_ratio:g} holds out no episode here (per task round(val_ratio x "
               "episodes), one always kept to train on); no validation loss", file=sys.stderr)
     shape_meta = {k: list(v) for k, v in dataset.shapes.items()}
@@ -446,12 +442,13 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, device: torch
     finally:
         bar.close()
         logger.close()
+    val = val_record()
     record = {"kind": "pretrain", "run": str(run), "checkpoint": str(ckpt), "data": paths, "seed": int(cfg.seed),
               "encoder": config.encoder, "unet": config.unet, "steps": trainer.step, "params": n_params,
               "windows": len(dataset), "loss": last_loss, "seconds": time.perf_counter() - t0,
               "processes": ranks.world, "cloud_frame": cloud_frame, "val_ratio": val_ratio,
-              "val_episodes": sum(len(v) for v in held.values()), "val_windows": val_record()["windows"],
-              "val_loss": val_record()["loss"], "val_history": val_history}
+              "val_episodes": sum(len(v) for v in held.values()), "val_windows": val["windows"],
+              "val_loss": val["loss"], "val_history": val_history}
     if ranks.main:
         write_results(run, record, _table(record))
     return record

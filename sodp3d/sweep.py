@@ -150,12 +150,17 @@ def plan(cfg: DictConfig) -> list[Run]:
     runs += data.values()
 
     # One pre-training per mixture, seed and encoder: the experiment's encoder, and any a variant names.
+    # Variants that name the same encoder settings share its pre-training.
     base_encoder = OmegaConf.to_container(cfg.encoder, resolve=True)
     encoders = {"": base_encoder}
+    variant_tag: dict[str, str] = {}
     for variant, settings in variants.items():
         enc = _variant_encoder(str(variant), settings or {}, base_encoder)
-        if enc != base_encoder:
-            encoders[f"-{enc['name']}" if f"-{enc['name']}" not in encoders else f"-{variant}"] = enc
+        tag = next((t for t, e in encoders.items() if e == enc), None)
+        if tag is None:
+            tag = f"-{enc['name']}" if f"-{enc['name']}" not in encoders else f"-{variant}"
+            encoders[tag] = enc
+        variant_tag[str(variant)] = tag
     pretrained: dict[tuple[str, int, str], Run] = {}
     for tag, encoder in encoders.items():
         for mixture, m_tasks in mixtures.items():
@@ -168,7 +173,6 @@ def plan(cfg: DictConfig) -> list[Run]:
                 pretrained[(mixture, seed, tag)] = Run(f"pretrain/{mixture}{tag}-s{seed}", "pretrain", d, _plain(c),
                                                        needs=[data[t].id for t in m_tasks], gpus=gpus)
     runs += pretrained.values()
-    encoder_tag = {json.dumps(e, sort_keys=True): tag for tag, e in encoders.items()}
 
     ft_base = stage_config("finetune", cfg, "finetune", {}, groups=("algo",))
     ft_cpus = _cpus(cfg, int(ft_base.num_envs))
@@ -181,7 +185,7 @@ def plan(cfg: DictConfig) -> list[Run]:
                             "fine-tuned from the model pre-trained on its own data")
         if mixture not in mixtures:
             raise UserError(f"variant '{variant}' pre-trains on mixture '{mixture}'; valid: {', '.join(mixtures)}")
-        tag = encoder_tag[json.dumps(_variant_encoder(str(variant), settings or {}, base_encoder), sort_keys=True)]
+        tag = variant_tag[str(variant)]
         for task in ft_tasks:
             for seed in seeds:
                 d = out / "finetune" / str(variant) / f"{task}-s{seed}"

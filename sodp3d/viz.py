@@ -346,15 +346,10 @@ def _write_rrd(path: str | Path, name: str, clouds: list[tuple[int, np.ndarray]]
             for t in range(len(executed)):
                 rec.set_time(TIMELINE, sequence=t)
                 rec.log("world/hand/executed", rr.LineStrips3D([executed[: t + 1]], colors=[[220, 20, 60]], radii=0.003))
-        for t in range(0 if actions is None else len(actions)):
-            rec.set_time(TIMELINE, sequence=t)
-            rec.log("action", rr.Scalars(actions[t]))
-        for t in range(0 if rewards is None else len(rewards)):
-            rec.set_time(TIMELINE, sequence=t)
-            rec.log("reward", rr.Scalars(float(rewards[t])))
-        for t in range(0 if successes is None else len(successes)):
-            rec.set_time(TIMELINE, sequence=t)
-            rec.log("success", rr.Scalars(float(successes[t])))
+        for name, series in (("action", actions), ("reward", rewards), ("success", successes)):
+            for t in range(0 if series is None else len(series)):
+                rec.set_time(TIMELINE, sequence=t)
+                rec.log(name, rr.Scalars(np.asarray(series[t], np.float64)))
         rec.flush()
         rec.disconnect()  # closes the file, footer written
     return Path(path)
@@ -446,7 +441,7 @@ def pick_episodes(tasks: list[str] | None, n_episodes: int, count: int) -> list[
 
 
 def _shown_episodes(data_path: str | Path, episodes: int):
-    """(the dataset, the episodes shown, one row per episode: index, task, steps, success, return)."""
+    """(the dataset, one row per episode shown: index, task, steps, success, return)."""
     from sodp3d.data.store import EpisodeDataset
 
     data = EpisodeDataset(data_path)
@@ -458,11 +453,11 @@ def _shown_episodes(data_path: str | Path, episodes: int):
     chosen = pick_episodes(tasks, data.n_episodes, episodes)
     success = data.episode_info("success")
     returns = data.episode_info("return")
+    lengths = data.episode_ends - data.episode_starts()
     rows = []
     for i in chosen:
         i = int(i)
-        rows.append({"episode": i, "task": tasks[i] if tasks is not None else "?",
-                     "steps": int(data.episode_ends[i] - data.episode_starts()[i]),
+        rows.append({"episode": i, "task": tasks[i] if tasks is not None else "?", "steps": int(lengths[i]),
                      "success": None if success is None else bool(success[i]),
                      "return": None if returns is None else float(returns[i])})
     return data, rows
@@ -476,6 +471,10 @@ def _hand_path(ep: dict[str, np.ndarray], task: str) -> np.ndarray | None:
         return ep["agent_pos"][:, :3] if "agent_pos" in ep and suite_of(task) == "metaworld" else None
     except UserError:
         return None
+
+
+def _verdict(success: bool | None) -> str:
+    return {None: "success unknown", True: "success", False: "failure"}[success]
 
 
 def dataset_figure(data_path: str | Path, path: str | Path, episodes: int = 6, moments: int = 3) -> tuple[Path, list[dict]]:
@@ -496,8 +495,7 @@ def dataset_figure(data_path: str | Path, path: str | Path, episodes: int = 6, m
         lim = _limits([ep["point_cloud"][t] for t in at], [ee], None)
         for c, t in enumerate(at):
             ax = fig.add_subplot(len(rows), moments, r * moments + c + 1, projection="3d")
-            verdict = {None: "success unknown", True: "success", False: "failure"}[ok]
-            title = f"ep {i} {task}: {verdict}\nstep {t}/{T}" if c == 0 else f"step {t}/{T}"
+            title = f"ep {i} {task}: {_verdict(ok)}\nstep {t}/{T}" if c == 0 else f"step {t}/{T}"
             _draw(ax, ep["point_cloud"][t], lim, None if ee is None else ee[: t + 1], None, title)
     fig.tight_layout()
     canvas.draw()
@@ -517,9 +515,8 @@ def dataset_rrd(data_path: str | Path, out: str | Path, episodes: int = 6) -> tu
         ep = data.episode(i, [k for k in ("point_cloud", "agent_pos", "action", "reward", "success") if k in data.keys])
         clouds = ep["point_cloud"]
         ee = _hand_path(ep, task)
-        low, high = _limits([clouds[t] for t in range(len(clouds))], [ee], None)
-        verdict = {None: "success unknown", True: "success", False: "failure"}[row["success"]]
-        summary = f"**{Path(str(data_path)).name}**, episode {i} ({task}): {verdict}, {len(clouds)} steps"
+        low, high = _limits(list(clouds), [ee], None)
+        summary = f"**{Path(str(data_path)).name}**, episode {i} ({task}): {_verdict(row['success'])}, {len(clouds)} steps"
         files.append(_write_rrd(Path(out) / f"episode-{i}.rrd", f"{task} episode {i}", list(enumerate(clouds)),
                                 (low[2], high[2]), ee, [], ep.get("action"), ep.get("reward"), ep.get("success"),
                                 summary))
@@ -583,7 +580,7 @@ def run(cfg) -> dict[str, Any]:
             files += [str(f) for f in written.values()]
             rows.append({"task": task, "seed": seed, "steps": record.steps, "success": record.success,
                          "return": record.ret})
-    _maybe_view(cfg, [f for f in files if f.endswith(".rrd")])
+    _maybe_view(cfg, files)
     return {"kind": "viz", "view": "rollout", "files": files, "rows": rows}
 
 

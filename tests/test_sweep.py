@@ -157,3 +157,20 @@ def test_requests_beyond_the_cluster_are_capped_or_refused():
     assert (big.cpus, small.cpus) == (2.0, 1.0)
     with pytest.raises(UserError, match="asks for 1 GPU"):
         sweep._fit_requests(TwoCPUs(), [sweep.Run("pretrain/all-s0", "pretrain", Path("z"), {}, gpus=1.0)])
+
+
+def test_variants_naming_the_same_encoder_share_one_pre_training(tmp_path):
+    """One pre-training per mixture, seed and distinct encoder: two variants with the same
+    encoder setting fine-tune from the same run, and the experiment's own encoder is not
+    pre-trained again for a variant that names it."""
+    from sodp3d import sweep
+    from sodp3d.config import compose
+
+    cfg = compose("sweep", ["experiment=smoke", f"root={tmp_path}", "seeds=[0]"])
+    cfg.variants = {"a": {"reg": "bc", "encoder": "state"}, "b": {"reg": "none", "encoder": "state"},
+                    "c": {"reg": "bc", "encoder": "dp3"}}
+    runs = sweep.plan(cfg)
+    pre = sorted(r.id for r in runs if r.command == "pretrain")
+    assert pre == ["pretrain/all-s0", "pretrain/all-state-s0"], pre
+    ckpt = {r.id.split("/")[1]: Path(r.cfg["ckpt"]).name for r in runs if r.command == "finetune"}
+    assert ckpt == {"a": "all-state-s0", "b": "all-state-s0", "c": "all-s0"}, ckpt

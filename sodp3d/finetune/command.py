@@ -69,21 +69,22 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
     # One DDIM sampler per evaluation eta; eta = 1 is the sampler fine-tuning optimises.
     samplers = [policy.ddim(e, float(algo.min_std)) for e in etas]
 
-    def rate_of(tag: str, eta: float, key: str = "success_rate") -> float | None:
+    def eval_value(tag: str, eta: float, key: str = "success_rate") -> float | None:
         return next((e[key] for e in state["evals"] if e["tag"] == tag and e.get("eta", 0.0) == eta), None)
 
     def summary(final: float | None) -> dict[str, Any]:
         return {"task": task, "reg": ft.reg_name, "init": str(cfg.init), "env_steps": state["env_steps"],
                 "pretrained_success": state["pretrained_eval"], "finetuned_success": final,
-                "pretrained_return": rate_of("initial", etas[0], "mean_return"),
-                "finetuned_return": rate_of("final", etas[0], "mean_return"),
-                "by_eta": [{"eta": e, "pretrained_success": rate_of("initial", e), "finetuned_success": rate_of("final", e),
-                            "pretrained_return": rate_of("initial", e, "mean_return"),
-                            "finetuned_return": rate_of("final", e, "mean_return")}
+                "pretrained_return": eval_value("initial", etas[0], "mean_return"),
+                "finetuned_return": eval_value("final", etas[0], "mean_return"),
+                "by_eta": [{"eta": e, "pretrained_success": eval_value("initial", e),
+                            "finetuned_success": eval_value("final", e),
+                            "pretrained_return": eval_value("initial", e, "mean_return"),
+                            "finetuned_return": eval_value("final", e, "mean_return")}
                            for e in etas],
                 "updates": ft.updates, "history": state["history"], "evals": state["evals"]}
 
-    done = rate_of("final", etas[0])
+    done = eval_value("final", etas[0])
     if done is not None and state["env_steps"] >= int(cfg.env_steps):
         return summary(done)  # a finished run: nothing to do
     run.mkdir(parents=True, exist_ok=True)
