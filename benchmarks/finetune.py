@@ -11,8 +11,10 @@ On a GPU, the paper's settings (its U-Net, algorithm, 512 points from 128x128 de
 
 Settings are the demo's (`sodp3d demo`'s config, overrides as there, e.g.
 env.metaworld.num_points=512 or algo=sodp): 84x84 depth, 128 points, 150-step episodes,
-8 environments, To=2 / Ta=8 / Tp=12, DDIM S=10 with eta=1, algo=cpu (2 gradient steps per
-episode, 120 (chunk, denoising step) pairs plus 64 BC windows per gradient step).
+8 environments, To=2 / Ta=8 / Tp=12, DDIM S=10 with eta=1, algo=cpu (see configs/algo/cpu.yaml).
+The fine-tuning study's setting (experiment=finetune-cpu, variant gae-bc), over a longer
+run whose memory must stay flat:
+    python benchmarks/finetune.py --rounds 10 algo.advantage=gae
 
 bare        one Meta-World env (no point-cloud wrapper) stepping random actions with a depth
             render on every step: the simulator with a camera, one process.
@@ -203,6 +205,7 @@ def measure(args, bare: Bare, vec, ft: FineTuner, E: int) -> list[dict]:
         m3 = time.process_time()
         row = {"bare": bare_steps / bare_s, "ceiling": ceil_steps / ceil_s, "steps": ro.env_steps,
                "collect_s": ro.seconds, "update_s": upd_s, "grad_steps": stats["gradient_steps"],
+               "critic_s": stats.get("critic_seconds", 0.0),
                "rss": resident_mb(), "ceil_steps": ceil_steps, "ceil_s": ceil_s,
                # CPU seconds: the workers in the ceiling and in collection; this process's
                # sampling (collection) and update
@@ -247,7 +250,15 @@ def report(args, cfg, bare: Bare, rows: list[dict], ft: FineTuner, E: int, worke
         line(f"evaluate (eta 0, {args.eval_episodes} episodes)", rows[0]["eval"])
     g = max(rows[-1]["grad_steps"], 1)
     upd = float(np.mean([x["update_s"] for x in rows]))
-    print(f"\nupdate: {upd:.2f} s per round, {upd / g * 1e3:.0f} ms per gradient step (reg={args.reg})")
+    upd_total = sum(x["update_s"] for x in rows)
+    grad_total = sum(x["grad_steps"] for x in rows)
+    critic_share = sum(x["critic_s"] for x in rows) / max(upd_total, 1e-9)
+    print(f"\nupdate: {upd:.2f} s per round, {upd / g * 1e3:.0f} ms per gradient step (reg={args.reg}, "
+          f"advantage={ft.advantage}); {grad_total / max(upd_total, 1e-9):.1f} gradient steps/s in the update, "
+          f"{grad_total / sum(x['collect_s'] + x['update_s'] for x in rows):.1f} over the loop; "
+          f"the critic's share of the update {critic_share:.1%}")
+    print(f"time per 100k env steps: {1e5 / loop_sps / 60:.1f} min at the loop's rate "
+          f"({steps / len(rows):.0f} env steps and {grad_total / len(rows):.0f} gradient steps per round)")
     print(f"peak resident memory: main process {peak_mb():.0f} MB, {E} env workers {worker_peak:.0f} MB together; "
           f"main process resident after round 1: {rows[0]['rss']:.0f} MB, after round {len(rows)}: {rows[-1]['rss']:.0f} MB")
     cpu_table(rows)

@@ -2,13 +2,15 @@
 schedule. It knows nothing about environments.
 
 Shapes: B batch, To observed steps, Tp predicted steps (horizon), Ta executed steps,
-Da action dim, F encoder features per step, G = To * F conditioning dim, S sampling steps.
+Da action dim, G = To x (encoder features per step) conditioning dim, S sampling steps,
+S' = S - frozen_steps trained steps (S' = S unless fine-tuning froze the first steps).
 
   compute_loss(batch)        denoising loss (eq. 7) on {'obs': {k: (B, To, ...)}, 'action': (B, Tp, Da)}
   predict_action(obs)        {'action': (B, Ta, Da), 'action_pred': (B, Tp, Da)}, unnormalised
   sample_chain(obs, ...)     ChainSample: actions, the whole DDIM chain (B, S+1, Tp, Da), the condition (B, G)
                              and optionally the per-step log-probabilities (B, S)
-  chain_log_prob(cond, chain)  per-step Gaussian log-probabilities (B, S) under the current weights
+  chain_log_prob(cond, chain)  per-step Gaussian log-probabilities (B, S') of the trained steps
+  freeze_prefix(F)           the first F DDIM steps run a frozen copy (encoder + U-Net), saved with the policy
   chain_log_prob_and_loss(obs, chain, batch)  both of the above and compute_loss(batch) in one pass
 
 Observations are min-max normalised per key, except ``image`` (uint8): the image encoder
@@ -67,6 +69,8 @@ class PolicyConfig:
     prediction_type: str = "epsilon"          # epsilon (the paper's eq. 7) | sample (DP3)
     num_inference_steps: int = 10             # S
     eta: float = 0.0                          # DDIM eta for acting (0: deterministic)
+    frozen_steps: int = 0                     # the first F of the S DDIM steps use a frozen copy (fine-tuning's
+                                              # ft_denoising_steps = S - F); 0: one network for every step
 
     def validate(self) -> None:
         To, Tp, Ta = self.n_obs_steps, self.horizon, self.n_action_steps
@@ -78,6 +82,9 @@ class PolicyConfig:
             raise UserError("shape_meta lacks 'action'")
         if not 1 <= self.num_inference_steps <= self.num_train_steps:
             raise UserError(f"num_inference_steps must be in [1, {self.num_train_steps}], got {self.num_inference_steps}")
+        if not 0 <= self.frozen_steps < self.num_inference_steps:
+            raise UserError(f"frozen_steps must be in [0, {self.num_inference_steps - 1}] (at least the last of the "
+                            f"S={self.num_inference_steps} DDIM steps is trained), got {self.frozen_steps}")
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))
@@ -106,6 +113,27 @@ class DiffusionPolicy(nn.Module):
         if self.normalizer.dims != dims:
             raise UserError(f"normaliser dims {dict(sorted(self.normalizer.dims.items()))} do not match the "
                             f"policy's {dict(sorted(dims.items()))}")
+        # The frozen copy that runs the first frozen_steps DDIM steps (fine-tuning only the last ones,
+        # as DPPO's ft_denoising_steps): its own encoder and U-Net, no gradients, saved with the policy.
+        self.prefix: nn.ModuleDict | None = None
+        if config.frozen_steps:
+            self.prefix = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder), "model": copy.deepcopy(self.model)})
+            self.prefix.requires_grad_(False)
+
+    def freeze_prefix(self, steps: int) -> None:
+        """Run the first ``steps`` DDIM steps with a frozen copy of today's encoder and U-Net
+        from now on; the remaining S - steps stay trainable. 0 keeps one network."""
+        if self.prefix is not None:
+            raise UserError("the policy already has frozen denoising steps")
+        self.config.frozen_steps = int(steps)
+        self.config.validate()
+        if steps:
+            self.prefix = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder), "model": copy.deepcopy(self.model)})
+            self.prefix.requires_grad_(False)
+            self.prefix.eval()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -137,9 +165,12 @@ class DiffusionPolicy(nn.Module):
             if got != want:
                 raise UserError(f"observation '{k}' has per-sample shape {got}, the policy expects {want}")
 
-    def condition(self, obs: dict[str, Any], augmentation: torch.Tensor | None = None) -> torch.Tensor:
+    def condition(self, obs: dict[str, Any], augmentation: torch.Tensor | None = None,
+                  encoder: nn.Module | None = None) -> torch.Tensor:
         """Normalised, encoded observations: (B, To, ...) per key -> (B, G). ``augmentation``:
-        the encoder's draws for the B * To observations (``draw_augmentation``), or none."""
+        the encoder's draws for the B * To observations (``draw_augmentation``), or none.
+        ``encoder``: another encoder of the same shape (the frozen prefix's, a critic's)."""
+        encoder = self.encoder if encoder is None else encoder
         self._check_obs(obs)
         first = obs[self.obs_keys[0]]
         B, To = first.shape[0], first.shape[1]
@@ -149,12 +180,35 @@ class DiffusionPolicy(nn.Module):
             if k not in UNNORMALISED:
                 x = self.normalizer.normalize(k, x)
             flat[k] = x.reshape(B * To, *x.shape[2:])
-        features = self.encoder(flat) if augmentation is None else self.encoder(flat, augmentation)
-        return features.reshape(B, To * self.encoder.out_dim)
+        features = encoder(flat) if augmentation is None else encoder(flat, augmentation)
+        return features.reshape(B, To * encoder.out_dim)
 
     def denoiser(self, cond: torch.Tensor):
         """model_fn(x_k (B, Tp, Da), k (B,)) for the sampler, conditioned on cond (B, G)."""
         return lambda x, k: self.model(x, k, cond)
+
+    def acting_denoiser(self, obs: dict[str, Any], cond: torch.Tensor, sampler: DDIMSampler):
+        """The model_fn that samples a whole chain: the frozen prefix at the first
+        ``frozen_steps`` steps of ``sampler`` (timesteps at or above the last of them),
+        the trained network after; just ``denoiser(cond)`` without a prefix."""
+        if self.prefix is None:
+            return self.denoiser(cond)
+        F = self.config.frozen_steps
+        if F >= len(sampler.timesteps):
+            raise UserError(f"{F} frozen denoising steps need a sampler with more than {F} steps, "
+                            f"this one has {len(sampler.timesteps)}")
+        boundary = sampler.timesteps[F - 1]
+        prefix_cond = self.condition(obs, encoder=self.prefix["encoder"])
+
+        def model_fn(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            early = k >= boundary
+            if bool(early.all()):
+                return self.prefix["model"](x, k, prefix_cond)
+            if not bool(early.any()):
+                return self.model(x, k, cond)
+            return torch.where(early[:, None, None], self.prefix["model"](x, k, prefix_cond), self.model(x, k, cond))
+
+        return model_fn
 
     def ddim(self, eta: float, min_std: float = 0.0) -> DDIMSampler:
         """A DDIM sampler over this policy's schedule and S steps, with another eta (1 for
@@ -215,7 +269,7 @@ class DiffusionPolicy(nn.Module):
         ``generator``, to float rounding; fewer, larger operations."""
         sampler = sampler or self.sampler
         x_t, x_next, steps = self._chain_steps(chain, sampler)
-        B, S = chain.shape[0], chain.shape[1] - 1
+        B, S = chain.shape[0], chain.shape[1] - 1 - self.config.frozen_steps
         if batch["obs"] is obs:  # the loss on the chunks' own observations (pl): one encoding serves both
             cond = self.condition(obs)
             cond_loss = cond
@@ -241,7 +295,8 @@ class DiffusionPolicy(nn.Module):
         replaces the policy's own (DDIM with its eta) for this call."""
         cond = self.condition(obs)
         shape = (cond.shape[0], self.config.horizon, self.action_dim)
-        x0 = (sampler or self.sampler).sample(self.denoiser(cond), shape, generator=generator, device=cond.device)
+        sampler = sampler or self.sampler
+        x0 = sampler.sample(self.acting_denoiser(obs, cond, sampler), shape, generator=generator, device=cond.device)
         action_pred = self.normalizer.unnormalize("action", x0)
         return {"action": self.executed(action_pred), "action_pred": action_pred}
 
@@ -253,30 +308,32 @@ class DiffusionPolicy(nn.Module):
         with torch.no_grad():
             cond = self.condition(obs)
             shape = (cond.shape[0], self.config.horizon, self.action_dim)
-            out = sampler.sample(self.denoiser(cond), shape, generator=generator, return_chain=True,
+            out = sampler.sample(self.acting_denoiser(obs, cond, sampler), shape, generator=generator, return_chain=True,
                                  return_log_prob=log_prob, device=cond.device)
         x0, chain = out[0], out[1]
         action_pred = self.normalizer.unnormalize("action", x0)
         return ChainSample(self.executed(action_pred), action_pred, chain, cond, out[2] if log_prob else None)
 
     def chain_log_prob(self, cond: torch.Tensor, chain: torch.Tensor, sampler: DDIMSampler | None = None) -> torch.Tensor:
-        """(B, S) log-probabilities of a stored chain's steps under the current weights.
+        """(B, S') log-probabilities of a stored chain's trained steps (the last S' = S -
+        frozen_steps; all S without a frozen prefix) under the current weights.
 
         All S steps go through the U-Net as one batch of B * S (GroupNorm and the encoder
         work per sample, so this equals scoring the steps one after another)."""
         sampler = sampler or self.sampler
         x_t, x_next, steps = self._chain_steps(chain, sampler)
-        B, S = chain.shape[0], chain.shape[1] - 1
+        B, S = chain.shape[0], chain.shape[1] - 1 - self.config.frozen_steps
         model_fn = self.denoiser(cond.repeat_interleave(S, dim=0))
         return sampler.log_prob_of_step(model_fn, x_t, x_next, steps).reshape(B, S)
 
-    @staticmethod
-    def _chain_steps(chain: torch.Tensor, sampler: DDIMSampler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A stored chain (B, S+1, Tp, Da) as B * S transitions: x_t, x_next (B * S, Tp, Da)
-        and each one's step index (B * S,), chain by chain."""
+    def _chain_steps(self, chain: torch.Tensor, sampler: DDIMSampler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A stored chain (B, S+1, Tp, Da) as its B * S' trained transitions (S' = S - frozen_steps,
+        the last S' steps): x_t, x_next (B * S', Tp, Da) and each one's step index (B * S',),
+        chain by chain."""
         B, S = chain.shape[0], chain.shape[1] - 1
         if chain.ndim != 4 or S != len(sampler.timesteps):
             raise UserError(f"denoising chain has shape {tuple(chain.shape)}; expected (B, {len(sampler.timesteps) + 1}, Tp, Da)")
-        x_t = chain[:, :-1].reshape(B * S, *chain.shape[2:])
-        x_next = chain[:, 1:].reshape(B * S, *chain.shape[2:])
-        return x_t, x_next, torch.arange(S, device=chain.device).repeat(B)
+        F = self.config.frozen_steps
+        x_t = chain[:, F:-1].reshape(B * (S - F), *chain.shape[2:])
+        x_next = chain[:, F + 1:].reshape(B * (S - F), *chain.shape[2:])
+        return x_t, x_next, torch.arange(F, S, device=chain.device).repeat(B)

@@ -7,7 +7,12 @@ pre-trained model each started from as its own variant, so a table shows pre-tra
 and fine-tuned side by side. A cell is the mean and standard deviation across seeds of
 the success rate; the average row averages the tasks within each seed first. A second
 table gives the mean return of the same evaluations where the runs recorded it (no
-average: tasks' rewards are on different scales).
+average: tasks' rewards are on different scales). With ``control=<variant>``, a third
+table pairs every other fine-tuned variant with the control seed by seed (the success
+averaged over the tasks, variant minus control), since seeds share their pre-trained
+model and evaluation resets. ``curves.png`` draws, per task and variant, the evaluation
+success and mean return along fine-tuning (the same reset seeds at every point, so the
+points of a curve are paired) and the training rollouts' success, mean ± std across seeds.
 """
 
 from __future__ import annotations
@@ -132,7 +137,8 @@ def _add_record(rec: dict[str, Any], f: Path, entries: dict[tuple, dict[str, Any
                 key = (_finetuned_label(rec), str(f), seed, t["task"])
                 entries[key] = {"variant": key[0], "seed": seed, "task": t["task"],
                                 "success": float(t["finetuned_success"]), "return": t.get("finetuned_return"),
-                                "history": t.get("history"), "source": str(f)}
+                                "history": t.get("history"), "evals": t.get("evals"),
+                                "eta": (rec.get("eval_etas") or [0.0])[0], "source": str(f)}
     else:
         metrics.append(rec["metric"])
         label = f"evaluated ({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
@@ -221,8 +227,31 @@ def markdown(summary: dict[str, Any], metrics: list[str], files: list[Path],
     return "\n".join(lines)
 
 
+def _band(xs: list[np.ndarray], ys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Runs' curves on their common env-step range: (grid, mean, std across runs or None)."""
+    end = min(x[-1] for x in xs)
+    grid = np.unique(np.concatenate([x[x <= end] for x in xs]))
+    stack = np.stack([np.interp(grid, x, y) for x, y in zip(xs, ys)])
+    return grid, stack.mean(0), (stack.std(axis=0, ddof=1) if len(xs) > 1 else None)
+
+
+def eval_curve(evals: list[dict[str, Any]], eta: float, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(env steps, values) of one run's evaluations at ``eta``, one point per env step count
+    (the final evaluation replaces a periodic one at the same count)."""
+    points: dict[int, float] = {}
+    for e in evals:
+        if float(e.get("eta", 0.0)) == eta and e.get(key) is not None:
+            points[int(e["env_steps"])] = float(e[key])
+    steps = sorted(points)
+    return np.array(steps, float), np.array([points[x] for x in steps], float)
+
+
+CURVE_ROWS = ("evaluation success", "evaluation return", "training success rate")
+
+
 def _curves(entries: list[dict[str, Any]], tasks: list[str]) -> dict[tuple[str, str], list]:
-    """Training-rollout success against env steps, mean ± std across seeds per variant."""
+    """Per task and variant, mean ± std across seeds against env steps: the evaluation
+    success and return (headline eta) and the training rollouts' success."""
     curves: dict[tuple[str, str], list] = {}
     for t in tasks:
         by_variant: dict[str, list[dict]] = {}
@@ -230,14 +259,51 @@ def _curves(entries: list[dict[str, Any]], tasks: list[str]) -> dict[tuple[str, 
             if e["task"] == t and e["history"]:
                 by_variant.setdefault(e["variant"], []).append(e)
         for v, es in by_variant.items():
+            label = f"{v} (n={len(es)})"
+            for row, key in (("evaluation success", "success_rate"), ("evaluation return", "mean_return")):
+                runs = [eval_curve(e.get("evals") or [], float(e.get("eta", 0.0)), key) for e in es]
+                if all(len(x) >= 2 for x, _ in runs):
+                    curves.setdefault((row, t), []).append((label, *_band([x for x, _ in runs], [y for _, y in runs])))
             xs = [np.array([h["env_steps"] for h in e["history"]], float) for e in es]
             ys = [np.array([h["success_rate"] for h in e["history"]], float) for e in es]
-            end = min(x[-1] for x in xs)
-            grid = np.unique(np.concatenate([x[x <= end] for x in xs]))
-            stack = np.stack([np.interp(grid, x, y) for x, y in zip(xs, ys)])
-            std = stack.std(axis=0, ddof=1) if len(es) > 1 else None
-            curves.setdefault(("training success rate", t), []).append((f"{v} (n={len(es)})", grid, stack.mean(0), std))
+            curves.setdefault(("training success rate", t), []).append((label, *_band(xs, ys)))
     return curves
+
+
+def paired(entries: list[dict[str, Any]], tasks: list[str], control: str) -> dict[str, Any]:
+    """Per fine-tuned variant other than ``control`` (a variant name): the success averaged
+    over the tasks minus the control's, seed by seed (seeds that ran every task in both)."""
+    label = f"fine-tuned: {control}"
+    by: dict[str, dict[int, dict[str, float]]] = {}
+    for e in entries:
+        if e["variant"].startswith("fine-tuned"):
+            by.setdefault(e["variant"], {}).setdefault(e["seed"], {})[e["task"]] = float(e["success"])
+    if label not in by:
+        raise UserError(f"control={control} names no fine-tuned variant of these runs; valid: "
+                        f"{', '.join(v.removeprefix('fine-tuned: ') for v in by) or 'none'}")
+    ctrl = {s: float(np.mean([r[t] for t in tasks])) for s, r in by[label].items() if all(t in r for t in tasks)}
+    out: dict[str, Any] = {}
+    for v, seeds in by.items():
+        if v == label:
+            continue
+        diffs = {s: float(np.mean([r[t] for t in tasks])) - ctrl[s] for s, r in seeds.items()
+                 if s in ctrl and all(t in r for t in tasks)}
+        if diffs:
+            m, sd = _mean_std(list(diffs.values()))
+            out[v] = {"per_seed": {str(s): d for s, d in sorted(diffs.items())}, "mean": m, "std": sd, "n": len(diffs)}
+    return {"control": label, "variants": out}
+
+
+def paired_markdown(p: dict[str, Any]) -> list[str]:
+    seeds = sorted({s for v in p["variants"].values() for s in v["per_seed"]}, key=int)
+    lines = ["", f"Paired differences against {p['control']}, success averaged over the tasks, in points "
+             "(variant minus control, same seed):", "",
+             "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std (n) |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    for v, d in p["variants"].items():
+        cells = [f"{100 * d['per_seed'][s]:+.1f}" if s in d["per_seed"] else "-" for s in seeds]
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} (n={d['n']}) |")
+    return lines
 
 
 def run(cfg) -> dict[str, Any]:
@@ -259,9 +325,13 @@ def run(cfg) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     failed = OmegaConf.to_container(cfg.failed) if cfg.get("failed") else []
     text = markdown(summary, metrics, files, failed)
+    pairs = paired(entries, summary["tasks"], str(cfg.control)) if cfg.get("control") else None
+    if pairs:
+        text += "\n" + "\n".join(paired_markdown(pairs))
     written = [str(write_text_atomic(out / "report.md", text + "\n")),
                str(write_text_atomic(out / "report.json", json.dumps(
-                   {"metrics": metrics, "runs": [str(f) for f in files], "failed": failed, **summary}, indent=2)))]
+                   {"metrics": metrics, "runs": [str(f) for f in files], "failed": failed, "paired": pairs, **summary},
+                   indent=2)))]
     groups = summary["tasks"] + ["average"]
     series = {}
     for v in summary["variants"]:
@@ -271,8 +341,10 @@ def run(cfg) -> dict[str, Any]:
     written.append(str(bars(groups, series, out / "success.png", "success rate [%] (mean ± std across seeds)")))
     curves = _curves(entries, summary["tasks"])
     if curves:
+        rows = [r for r in CURVE_ROWS if any(key[0] == r for key in curves)]
         written.append(str(curve_grid([t for t in summary["tasks"] if ("training success rate", t) in curves],
-                                      ["training success rate"], curves, out / "curves.png", ylims=RATE)))
+                                      rows, curves, out / "curves.png",
+                                      ylims={**RATE, "evaluation success": RATE["success rate"]})))
     return {"kind": "report", "text": text, "files": written, "summary": summary}
 
 

@@ -447,7 +447,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     failed = [{"id": r.id, "error": r.error} for r in runs if r.state == "failed"]
     files: list[str] = [str(out / "sweep.json")]
     if finished:
-        rep = report.run(OmegaConf.create({"runs": finished, "out": str(out / "report"), "failed": failed}))
+        rep = report.run(OmegaConf.create({"runs": finished, "out": str(out / "report"), "failed": failed,
+                                           "control": cfg.get("control")}))
         files += rep["files"]
     return {"kind": "sweep", "experiment": str(cfg.name), "out": str(out), "runs": len(runs),
             "done": sum(r.state == "done" for r in runs), "failed": failed, "skipped": counts["skipped"],

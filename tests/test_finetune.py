@@ -156,3 +156,61 @@ def test_bad_input(pretrained, tmp_path, capsys):
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
     assert "junk.ckpt" in one_line_error(capsys, main(["finetune", f"ckpt={junk}", "task=reach-v3", f"out={tmp_path / 'f'}"]))
+
+
+def test_gae_frozen_steps_and_epochs_through_the_cli(pretrained, tmp_path):
+    """DPPO's options end to end: the checkpoint carries the critic, its optimiser, the return
+    scale, the frozen prefix and the pre-trained checkpoint's cloud frame, and acts in eval."""
+    out = tmp_path / "gae"
+    assert finetune(pretrained, out, "task=reach-v3", "env_steps=48", "eval.episodes=0", "algo.advantage=gae",
+                    "algo.update_epochs=2", "algo.ft_denoising_steps=4", "algo.critic.warmup_updates=1",
+                    "algo.gamma_denoising=0.9") == 0
+    saved = load_checkpoint(out / "checkpoints" / "latest.ckpt")
+    assert saved["cloud_frame"] == "world"
+    assert {"critic", "critic_optimizer", "return_scale"} <= set(saved)
+    assert saved["policy_config"]["frozen_steps"] == 10 - 4 and any(k.startswith("prefix.") for k in saved["policy"])
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warm, trained = [h for h in history if "update" in h]
+    assert warm["critic_warmup"] == 1.0 and trained["critic_warmup"] == 0.0
+    assert trained["gradient_steps"] == trained["planned_gradient_steps"] > 0
+    for key in ("value_loss", "value_explained_variance", "return_scale", "critic_seconds",
+                *[f"kl_step{k}" for k in range(6, 10)]):
+        assert key in trained, key
+    assert "kl_step5" not in trained  # frozen steps are not fine-tuned
+    assert main(["eval", f"ckpt={out}", "task=reach-v3", "episodes=1", "num_envs=1", "device=cpu",
+                 f"out={tmp_path / 'ev'}", *FAST_ENV]) == 0
+
+
+def test_a_killed_run_resumes_its_curve_without_repeating_evaluations(pretrained, tmp_path, monkeypatch):
+    from sodp3d.finetune import ppo as module
+
+    out = tmp_path / "curve"
+    original = module.FineTuner.update
+    calls = {"n": 0}
+
+    def interrupt_second(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    args = ("task=reach-v3", "env_steps=72", "eval.every_env_steps=24", "algo.advantage=gae")
+    monkeypatch.setattr(module.FineTuner, "update", interrupt_second)
+    assert finetune(pretrained, out, *args) == 130
+    monkeypatch.setattr(module.FineTuner, "update", original)
+    assert finetune(pretrained, out, *args, "resume=true") == 0
+    (row,) = json.loads((out / "results.json").read_text())["tasks"]
+    points = [(e["tag"], e["env_steps"]) for e in row["evals"]]
+    assert points == [("initial", 0), ("periodic", 24), ("periodic", 48), ("periodic", 72), ("final", 72)], points
+
+
+def test_bad_algorithm_settings_write_nothing(pretrained, tmp_path, capsys):
+    capsys.readouterr()
+    for i, (arg, needle) in enumerate([("algo.advantage=foo", "valid: reward, gae"),
+                                       ("algo.ft_denoising_steps=11", "[1, 10]"),
+                                       ("algo.update_epochs=0", "update_epochs"),
+                                       ("algo.target_kl=-0.01", "target_kl"),
+                                       ("algo.critic.features=pixels", "valid: policy, own")]):
+        out = tmp_path / f"bad{i}"
+        assert needle in one_line_error(capsys, finetune(pretrained, out, "task=reach-v3", arg))
+        assert not out.exists()

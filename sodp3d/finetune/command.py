@@ -22,12 +22,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sodp3d.checkpoint import load_checkpoint, save_checkpoint
+from sodp3d.data.store import WORLD_FRAME
 from sodp3d.errors import UserError
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
 from sodp3d.runs import RunLogger, keep_host_memory, refuse_existing, resolve_device, results_table, write_results
 
-from .ppo import FineTuner
-from .regularisers import REGULARISERS
+from .ppo import FineTuner, check_algo
 from .rollouts import collect_rollout
 
 METRIC = "final evaluation, success rate over {episodes} episodes (DDIM eta = {eta:g}), before and after fine-tuning"
@@ -46,9 +46,10 @@ def _initial_policy(cfg: DictConfig, pretrained: DiffusionPolicy, device: torch.
 
 
 def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
-                  pretrained: DiffusionPolicy) -> dict[str, Any]:
+                  pretrained: DiffusionPolicy, cloud_frame: str = WORLD_FRAME) -> dict[str, Any]:
     """Fine-tune one task from ``pretrained`` (not modified; the KL regulariser's
-    reference); returns its summary (pre-trained and fine-tuned success)."""
+    reference); returns its summary (pre-trained and fine-tuned success). ``cloud_frame``:
+    the pre-trained checkpoint's, carried into the fine-tuned ones."""
     from tqdm import tqdm
 
     from sodp3d.envs import make_vector_env
@@ -96,7 +97,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
     seed_base = int(cfg.seed) * 1_000_003
 
     def save() -> None:
-        save_checkpoint(ckpt, {"policy_config": policy.config.to_dict(), "task": task,
+        save_checkpoint(ckpt, {"policy_config": policy.config.to_dict(), "task": task, "cloud_frame": cloud_frame,
                                "train_config": OmegaConf.to_container(cfg, resolve=True),
                                "finetune_state": state, **ft.state()})
 
@@ -196,8 +197,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for key in ("env_steps", "num_envs"):
         if not isinstance(cfg[key], int) or cfg[key] <= 0:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
-    if str(cfg.algo.reg) not in REGULARISERS:
-        raise UserError(f"unknown regulariser reg={cfg.algo.reg}; valid: {', '.join(REGULARISERS)}")
+    check_algo(cfg.algo)
     etas = eval_etas(cfg)
     device = resolve_device(str(cfg.device))
     keep_host_memory()
@@ -206,6 +206,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     payload = load_checkpoint(checkpoint_path(cfg.ckpt))
     refuse_foreign_frame(payload, bool(cfg.get("allow_foreign_frame", False)), str(checkpoint_path(cfg.ckpt)))
     pretrained = policy_from_payload(payload, device, use_ema=True, source=str(checkpoint_path(cfg.ckpt)))
+    check_algo(cfg.algo, pretrained.config.num_inference_steps)
+    cloud_frame = str(payload.get("cloud_frame") or WORLD_FRAME)
     with open_dict(cfg):
         cfg.env = acting_env_config(cfg.env, payload)
     del payload
@@ -215,7 +217,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summaries = []
     for task in tasks:
         run = out / task if len(tasks) > 1 else out
-        summaries.append(finetune_task(cfg, task, run, device, pretrained))
+        summaries.append(finetune_task(cfg, task, run, device, pretrained, cloud_frame))
     record = results_record(cfg, summaries, pretrained.config, etas)
     write_results(out, record, results_table(record))
     return record
@@ -237,6 +239,7 @@ def results_record(cfg: DictConfig, summaries: list[dict[str, Any]], pc: PolicyC
         "eval_episodes": int(cfg.eval.episodes),
         "seed": int(cfg.seed), "reg": str(cfg.algo.reg), "init": str(cfg.init), "variant": cfg.get("variant"),
         "ppo_weight": float(cfg.algo.get("ppo_weight", 1.0)),
+        "advantage": str(cfg.algo.get("advantage", "reward")),
         "encoder": pc.encoder, "unet": pc.unet, "ckpt": str(cfg.ckpt),
         "env_steps": int(cfg.env_steps),
         "out": str(cfg.out),

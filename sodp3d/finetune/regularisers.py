@@ -72,11 +72,12 @@ class KLRegulariser(Regulariser):
     def loss(self, obs, chains, rollout):
         ft = self.ft
         sampler = ft.sampler
-        # All S steps of every chain as one batch of B * S, for both models.
-        B, S = chains.shape[0], chains.shape[1] - 1
-        x_t = chains[:, :-1].reshape(B * S, *chains.shape[2:])
-        t = torch.as_tensor(sampler.timesteps, device=chains.device).repeat(B)
-        t_prev = torch.as_tensor(sampler.prev_timesteps, device=chains.device).repeat(B)
+        # The S' trained steps of every chain as one batch of B * S', for both models.
+        F = ft.policy.config.frozen_steps
+        B, S = chains.shape[0], chains.shape[1] - 1 - F
+        x_t = chains[:, F:-1].reshape(B * S, *chains.shape[2:])
+        t = torch.as_tensor(sampler.timesteps[F:], device=chains.device).repeat(B)
+        t_prev = torch.as_tensor(sampler.prev_timesteps[F:], device=chains.device).repeat(B)
         cond = ft.policy.condition(obs).repeat_interleave(S, dim=0)
         mean, std = sampler.step_distribution(ft.policy.denoiser(cond), x_t, t, t_prev)
         with torch.no_grad():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,8 @@ class Trajectory:
     chunk_starts: np.ndarray          # (C,) index of each chunk's first executed action
     ret: float
     success: bool
+    final_obs: dict[str, np.ndarray] | None = None  # (To, ...) the observation after the last chunk
+    terminated: bool = False          # ended in a terminal state (not by the time limit)
 
 
 @dataclass
@@ -36,13 +39,26 @@ class Rollout:
     chains: torch.Tensor              # (M, S+1, Tp, Da), normalised action space
     old_logp: torch.Tensor            # (M, S)
     reward: torch.Tensor              # (M,)
-    trajectories: list[Trajectory] = field(default_factory=list)
+    trajectories: list[Trajectory] = field(default_factory=list)  # in the order of their chunks
+    executed: torch.Tensor | None = None  # (M,) steps each chunk executed (Ta, fewer when the episode ended inside it)
     env_steps: int = 0
     seconds: float = 0.0
 
     @property
     def size(self) -> int:
         return int(self.reward.shape[0])
+
+    def episode_slices(self) -> list[slice]:
+        """Each trajectory's chunks in the flat (M,) order."""
+        ends = np.cumsum([len(t.chunk_starts) for t in self.trajectories])
+        if not len(ends) or ends[-1] != self.size:
+            raise ValueError(f"the rollout's {len(self.trajectories)} trajectories hold {ends[-1] if len(ends) else 0} "
+                             f"chunks, not its {self.size}")
+        return [slice(int(a), int(b)) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends)]
+
+    def positions(self) -> torch.Tensor:
+        """(M,) each chunk's index within its episode."""
+        return torch.as_tensor(np.concatenate([np.arange(len(t.chunk_starts)) for t in self.trajectories]))
 
 
 def collect_rollout(policy: DiffusionPolicy, vec, sampler: DDIMSampler, seeds: list[int],
@@ -52,8 +68,9 @@ def collect_rollout(policy: DiffusionPolicy, vec, sampler: DDIMSampler, seeds: l
     t0 = time.perf_counter()
     obs, _ = vec.reset(seed=seeds)
     done = np.zeros(E, bool)
-    per_env: list[dict[str, list]] = [{"obs": [], "chains": [], "logp": [], "reward": [], "actions": [],
-                                       "starts": [], "success": False} for _ in range(E)]
+    per_env: list[dict[str, Any]] = [{"obs": [], "chains": [], "logp": [], "reward": [], "actions": [],
+                                      "starts": [], "executed": [], "success": False, "final": None,
+                                      "terminated": False} for _ in range(E)]
     steps = 0
     policy.eval()
     while not done.all():
@@ -72,8 +89,12 @@ def collect_rollout(policy: DiffusionPolicy, vec, sampler: DDIMSampler, seeds: l
             rec["reward"].append(float(reward[e]))
             rec["starts"].append(len(rec["actions"]))
             rec["actions"].extend(actions[e, : executed[e]])
+            rec["executed"].append(int(executed[e]))
             rec["success"] |= bool(success[e])
             steps += int(executed[e])
+            if terminated[e] or truncated[e]:  # the vector env resets it on its next step, not before
+                rec["final"] = {k: np.asarray(obs[k][e]) for k in policy.obs_keys}
+                rec["terminated"] = bool(terminated[e])
         done |= terminated | truncated
     trajectories = []
     for rec in per_env:
@@ -83,6 +104,8 @@ def collect_rollout(policy: DiffusionPolicy, vec, sampler: DDIMSampler, seeds: l
             chunk_starts=np.asarray(rec["starts"], np.int64),
             ret=float(sum(rec["reward"])),
             success=bool(rec["success"]),
+            final_obs=rec["final"],
+            terminated=rec["terminated"],
         ))
     return Rollout(
         obs={k: torch.as_tensor(np.concatenate([t.obs[k] for t in trajectories])) for k in policy.obs_keys},
@@ -90,6 +113,7 @@ def collect_rollout(policy: DiffusionPolicy, vec, sampler: DDIMSampler, seeds: l
         old_logp=torch.cat([torch.stack(r["logp"]) for r in per_env]),
         reward=torch.as_tensor([x for r in per_env for x in r["reward"]], dtype=torch.float32),
         trajectories=trajectories,
+        executed=torch.as_tensor([x for r in per_env for x in r["executed"]], dtype=torch.long),
         env_steps=steps,
         seconds=time.perf_counter() - t0,
     )
