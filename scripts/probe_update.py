@@ -10,7 +10,8 @@ rewards' variance the chunk's position and its observation explain.
     .venv/bin/python scripts/probe_update.py --ckpt RUN --task basketball-v3 \
         --grid lr=1e-5,3e-5,1e-4,3e-4,1e-3 p_step=2,10,30 --base reg=bc
 
-Each --grid key varies alone around --base (algo keys; `algo=cpu` is the starting point).
+Each --grid key varies alone around --base (algo keys, dotted for nested ones such as
+critic.features=policy,own; `algo=cpu` is the starting point).
 Prints a markdown table.
 """
 
@@ -34,8 +35,8 @@ def main() -> None:
     ap.add_argument("--base", nargs="*", default=[], help="algo overrides every setting shares, key=value")
     ap.add_argument("--grid", nargs="*", default=["lr=1e-5,3e-5,1e-4,3e-4,1e-3"],
                     help="key=v1,v2,...: each value of each key alone, around --base")
-    ap.add_argument("--env", nargs="*", default=["env.metaworld.episode_length=200", "env.metaworld.resolution=[84,84]",
-                                                  "env.metaworld.num_points=128"])
+    ap.add_argument("--env", nargs="*", default=[],
+                    help="env overrides over the checkpoint's own observation settings, e.g. env.metaworld.episode_length=200")
     args = ap.parse_args()
 
     from omegaconf import OmegaConf, open_dict
@@ -47,8 +48,10 @@ def main() -> None:
     from sodp3d.finetune.rollouts import Rollout, collect_rollout
 
     torch.manual_seed(args.seed)
-    cfg = compose("finetune", ["algo=cpu", f"ckpt={args.ckpt}", f"task={args.task}", "out=unused", *args.env,
-                               *[f"algo.{kv}" for kv in args.base]])
+    cfg = compose("finetune", ["algo=cpu", f"ckpt={args.ckpt}", f"task={args.task}", "out=unused", *args.env])
+    for kv in args.base:
+        key, value = kv.split("=", 1)
+        OmegaConf.update(cfg.algo, key, _value(value), merge=False)
     payload = load_checkpoint(checkpoint_path(args.ckpt))
     pretrained = policy_from_payload(payload, "cpu")
     with open_dict(cfg):
@@ -80,7 +83,9 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for name, over in settings:
-        algo = OmegaConf.merge(cfg.algo, {"grad_terms": True, **over})
+        algo = OmegaConf.merge(cfg.algo, {"grad_terms": True})
+        for key, value in over.items():  # dotted keys reach nested settings: critic.features=own
+            OmegaConf.update(algo, key, value, merge=False)
         ft = FineTuner(copy.deepcopy(pretrained), algo, torch.device("cpu"), args.seed)
         ft.buffer.add(ro.trajectories)
         t1 = time.perf_counter()
