@@ -135,3 +135,42 @@ def test_the_papers_averages_stand_only_beside_its_whole_task_sets():
     assert _paper_columns(task_sets()["mt10"][:3]) == {}  # three of its tasks are not its MT10
     adroit = _paper_columns(task_sets()["adroit"])
     assert adroit["paper: SODP"]["average"] == 73.9 and adroit["paper: pre-trained only"]["adroit-door"] == 55.0
+
+
+def test_paired_differences_and_evaluation_curves(tmp_path):
+    """Variants named as a sweep names them, with periodic evaluations: the paired table is
+    variant minus control seed by seed (tasks averaged first), and the curves get rows for
+    the evaluation success and return."""
+    from sodp3d.report import _curves, eval_curve, load_entries, paired
+
+    root = tmp_path / "runs"
+    rates = {("bc", 0): 0.6, ("bc", 1): 0.5, ("bc-only", 0): 0.4, ("bc-only", 1): 0.45, ("gae-bc", 0): 0.7}
+    files = []
+    for (variant, seed), rate in rates.items():
+        run = root / f"{variant}-s{seed}"
+        run.mkdir(parents=True)
+        evals = [{"tag": "initial", "eta": 0.0, "env_steps": 0, "success_rate": 0.3, "mean_return": 10.0},
+                 {"tag": "periodic", "eta": 0.0, "env_steps": 100, "success_rate": rate, "mean_return": 20.0},
+                 {"tag": "final", "eta": 0.0, "env_steps": 100, "success_rate": rate, "mean_return": 20.0}]
+        task = {"task": "reach-v3", "reg": "bc", "init": "pretrained", "env_steps": 100, "pretrained_success": 0.3,
+                "finetuned_success": rate, "updates": 1, "evals": evals,
+                "history": [{"env_steps": 50, "success_rate": 0.1}, {"env_steps": 100, "success_rate": 0.2}]}
+        (run / "results.json").write_text(json.dumps({
+            "kind": "finetune", "metric": "m", "seed": seed, "reg": "bc", "init": "pretrained", "variant": variant,
+            "eval_etas": [0.0], "encoder": "dp3", "unet": "tiny", "ckpt": "pre", "env_steps": 100, "tasks": [task]}))
+        files.append(run / "results.json")
+    assert eval_curve(json.loads(files[0].read_text())["tasks"][0]["evals"], 0.0, "success_rate")[0].tolist() == [0, 100]
+    entries, _ = load_entries(files)
+    p = paired(entries, ["reach-v3"], "bc-only")
+    assert p["variants"]["fine-tuned: bc"]["per_seed"] == pytest.approx({"0": 0.2, "1": 0.05})
+    assert p["variants"]["fine-tuned: gae-bc"]["n"] == 1
+    curves = _curves(entries, ["reach-v3"])
+    (bc,) = [c for c in curves[("evaluation success", "reach-v3")] if c[0].startswith("fine-tuned: bc (")]
+    assert bc[1].tolist() == [0, 100] and bc[2].tolist() == pytest.approx([0.3, 0.55])
+    assert ("evaluation return", "reach-v3") in curves
+    out = tmp_path / "report"
+    assert main(["report", f"runs=[{root}]", f"out={out}", "control=bc-only"]) == 0
+    text = (out / "report.md").read_text()
+    assert "Paired differences against fine-tuned: bc-only" in text
+    assert "| fine-tuned: bc | +20.0 | +5.0 | +12.5 ± 10.6 (n=2) |" in text
+    assert main(["report", f"runs=[{root}]", f"out={out}", "control=nope"]) == 2
