@@ -8,7 +8,9 @@ Sources (``source=<name>``, see ``SOURCES``), each a module with a ``check`` run
 anything is written and a job runner of one signature
 ``run_jobs(todo, settings, cfg, seed, workers)`` that yields episodes in ``todo`` order:
   * ``scripted`` (Meta-World): degraded scripted policies, ``envs/scripted_source.py``.
-  * ``sac`` (any task; the only one for Adroit): ``envs/sac_source.py``.
+  * ``sac`` (any task): ``envs/sac_source.py``.
+  * ``expert`` (Adroit): DAPG's trained policies, degraded like the scripted ones,
+    read safely from their pickles (``expert.path``): ``envs/expert_source.py``.
 What their worker processes share (seeding, the env cache) is ``envs/workers.py``.
 
 Order and resumption: jobs run in a fixed order (episode 0 of every task, then
@@ -33,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.data.store import EpisodeDataset, EpisodeWriter, inspect_path
 from sodp3d.errors import UserError
 
+from .expert_source import check_expert, run_expert_jobs
 from .sac_source import check_sac, run_sac_jobs
 from .scripted_source import check_scripted, run_scripted_jobs
 from .settings import ObsSettings, task_settings
@@ -52,6 +55,7 @@ class Source(NamedTuple):
 SOURCES: dict[str, Source] = {
     "scripted": Source(check_scripted, run_scripted_jobs),
     "sac": Source(check_sac, run_sac_jobs),
+    "expert": Source(check_expert, run_expert_jobs),
 }
 
 

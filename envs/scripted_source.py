@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,9 @@ class ScriptedConfig:
     perturb_length: tuple[int, int] = (5, 30)
 
     @classmethod
-    def from_cfg(cls, cfg: Any) -> "ScriptedConfig":
+    def from_cfg(cls, cfg: Any, section: str = "scripted") -> "ScriptedConfig":
+        """Parse and check the knobs of a config section (``scripted:``, or ``expert:``,
+        whose episodes are degraded the same way); errors name ``section``."""
         c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
         out = cls(
             noise_std=tuple(float(v) for v in c.get("noise_std", cls.noise_std)),
@@ -46,11 +48,11 @@ class ScriptedConfig:
         )
         lo, hi = out.noise_std
         if not 0 <= lo <= hi:
-            raise UserError(f"scripted.noise_std must be [low, high] with 0 <= low <= high, got {list(out.noise_std)}")
+            raise UserError(f"{section}.noise_std must be [low, high] with 0 <= low <= high, got {list(out.noise_std)}")
         if min(out.random_share, out.perturb_share) < 0 or out.random_share + out.perturb_share > 1:
-            raise UserError("scripted.random_share and scripted.perturb_share must be >= 0 and add up to at most 1")
+            raise UserError(f"{section}.random_share and {section}.perturb_share must be >= 0 and add up to at most 1")
         if not 0 <= out.perturb_prob <= 1 or not 1 <= out.perturb_length[0] <= out.perturb_length[1]:
-            raise UserError("scripted.perturb_prob must be in [0, 1] and perturb_length [min, max] with 1 <= min <= max")
+            raise UserError(f"{section}.perturb_prob must be in [0, 1] and perturb_length [min, max] with 1 <= min <= max")
         return out
 
 
@@ -58,7 +60,8 @@ def check_scripted(tasks: list[str], cfg: DictConfig) -> None:
     """Refuse what this source cannot do, before anything is written."""
     not_mw = [t for t in tasks if suite_of(t) != "metaworld"]
     if not_mw:
-        raise UserError(f"source=scripted has policies for Meta-World only; use source=sac for {', '.join(not_mw)}")
+        raise UserError(f"source=scripted has policies for Meta-World only; use source=sac "
+                        f"(or source=expert, with DAPG's policies) for {', '.join(not_mw)}")
     ScriptedConfig.from_cfg(cfg.get("scripted"))
 
 
@@ -70,14 +73,30 @@ def scripted_policy(task: str):
 
 def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, index: int) -> dict[str, Any]:
     """One episode of a degraded scripted policy; arrays with a leading time axis."""
+    policy = scripted_policy(settings.task)
+
+    def act(state: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():
+            # The policies warn on every call that their gains exceed the action
+            # range; actions are clipped to [-1, 1] anyway.
+            warnings.simplefilter("ignore", UserWarning)
+            return policy.get_action(state)
+
+    return run_degraded_episode(settings, cfg, act, 4, "scripted", seed, index)
+
+
+def run_degraded_episode(settings: ObsSettings, cfg: ScriptedConfig, act: Callable[[np.ndarray], np.ndarray],
+                         action_dim: int, source: str, seed: int, index: int) -> dict[str, Any]:
+    """One episode of a policy ``act(state) -> action`` (the float64 state the simulator
+    returned), degraded by the episode's kind and noise; arrays with a leading time axis.
+    Every draw comes from (seed, task, index) in a fixed order."""
     env = env_for(settings)
     rng = episode_rng(seed, settings.task, index)
     reset_seed = int(rng.integers(2**31 - 1))
     u = rng.random()
     kind = "random" if u < cfg.random_share else "perturbed" if u < cfg.random_share + cfg.perturb_share else "noisy"
     noise = float(rng.uniform(*cfg.noise_std))
-    policy = scripted_policy(settings.task)
-    padded_before = env.padded
+    padded_before = padded_stored = env.padded
     obs, _ = env.reset(seed=reset_seed)
     base = env.unwrapped
     observed = [k for k in ("point_cloud", "image", "agent_pos", "state") if k in obs]  # image: when configured
@@ -85,19 +104,15 @@ def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, 
     stretch = 0
     for _ in range(settings.episode_length):
         if kind == "random":
-            action = rng.uniform(-1.0, 1.0, 4)
+            action = rng.uniform(-1.0, 1.0, action_dim)
         else:
-            with warnings.catch_warnings():
-                # The policies warn on every call that their gains exceed the action
-                # range; actions are clipped to [-1, 1] anyway.
-                warnings.simplefilter("ignore", UserWarning)
-                action = policy.get_action(base._last_state)  # the float64 state Meta-World returned
-            action = action + rng.normal(0.0, noise, 4) if noise > 0 else action
+            action = act(base._last_state)
+            action = action + rng.normal(0.0, noise, action_dim) if noise > 0 else action
             if kind == "perturbed":
                 if stretch == 0 and rng.random() < cfg.perturb_prob:
                     stretch = int(rng.integers(cfg.perturb_length[0], cfg.perturb_length[1] + 1))
                 if stretch > 0:
-                    action = rng.uniform(-1.0, 1.0, 4)
+                    action = rng.uniform(-1.0, 1.0, action_dim)
                     stretch -= 1
         action = np.clip(action, -1.0, 1.0).astype(np.float32)
         for k in observed:
@@ -114,7 +129,7 @@ def run_scripted_episode(settings: ObsSettings, cfg: ScriptedConfig, seed: int, 
     meta = {
         "success": bool(episode["success"].any()),
         "return": float(episode["reward"].sum()),
-        "source": "scripted",
+        "source": source,
         "kind": kind,
         "noise_std": noise,
         "padded": padded_stored - padded_before,  # stored observations whose crop kept fewer than N points

@@ -37,7 +37,7 @@ COMMANDS = {c.name: c for c in [
     Command(
         "collect", "sodp3d.envs.collect",
         "collect a sub-optimal multi-task point-cloud dataset into zarr",
-        "sodp3d collect task=<task|set|[list]> episodes=<per task> out=<path.zarr> [source=scripted|sac]",
+        "sodp3d collect task=<task|set|[list]> episodes=<per task> out=<path.zarr> [source=scripted|sac|expert]",
     ),
     Command(
         "pretrain", "sodp3d.pretrain",

@@ -24,6 +24,18 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def close_cached_envs():
+    """Keep collection tests independent: close the environments a collect (or a failed
+    one) left in this process's cache. Modules that collect use it for every test."""
+    yield
+    from sodp3d.envs import workers
+
+    for env in workers._ENVS.values():
+        env.close()
+    workers._ENVS.clear()
+
+
 # --------------------------------------------------------------------------------------
 # One scene per suite, reused by a test module (tests/test_env_*.py). Imported lazily, so
 # tests that need no simulator do not load it.

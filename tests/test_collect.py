@@ -37,13 +37,7 @@ N_FAST = 64
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def _close_cached_envs():
-    """Keep tests independent: close environments a failed collect left in the cache."""
-    yield
-    for env in workers._ENVS.values():
-        env.close()
-    workers._ENVS.clear()
+pytestmark = pytest.mark.usefixtures("close_cached_envs")
 
 
 def tree_state(path) -> dict[str, bytes]:
