@@ -107,4 +107,4 @@ def test_every_command_takes_hydra_group_overrides(capsys):
     cfg = capsys.readouterr().out
     assert "name: pointnet" in cfg and "unet: simple" in cfg and "lr: 1.0e-05" in cfg
     assert main(["finetune", "algo=cpu", "ckpt=x", "task=adroit-door", "out=y", "--cfg"]) == 0
-    assert "lr: 3.0e-05" in capsys.readouterr().out
+    assert "lr: 0.0001" in capsys.readouterr().out
