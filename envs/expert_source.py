@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import multiprocessing as mp
 import pickle
 import pickletools
 from collections import OrderedDict
@@ -46,11 +45,10 @@ from omegaconf import DictConfig
 
 from sodp3d.errors import UserError
 
-from .factory import worker_start_method
 from .scripted_source import ScriptedConfig, run_degraded_episode
 from .settings import ObsSettings
 from .tasks import ADROIT_TASKS, suite_of
-from .workers import env_for, init_worker
+from .workers import env_for, run_in_order
 
 # Observation and action dims of each Adroit task (gymnasium-robotics v1 = DAPG's v0).
 POLICY_DIMS: dict[str, tuple[int, int]] = {
@@ -584,10 +582,4 @@ def run_expert_jobs(
     tasks = list(dict.fromkeys(t for t, _ in todo)) or list(settings)
     paths = {t: str(policy_path(spec, t, len(settings))) for t in tasks}
     jobs = [(settings[t], knobs, paths[t], seed, i) for t, i in todo]
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            yield _expert_job(job)
-        return
-    ctx = mp.get_context(worker_start_method())
-    with ctx.Pool(min(workers, len(jobs)), initializer=init_worker) as pool:
-        yield from pool.imap(_expert_job, jobs, chunksize=1)
+    yield from run_in_order(_expert_job, jobs, workers)

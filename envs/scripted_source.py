@@ -9,7 +9,6 @@ from (seed, task, episode index) only.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,10 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sodp3d.errors import UserError
 
-from .factory import worker_start_method
 from .settings import ObsSettings
 from .tasks import suite_of
-from .workers import env_for, episode_rng, init_worker
+from .workers import env_for, episode_rng, run_in_order
 
 
 @dataclass(frozen=True)
@@ -147,10 +145,4 @@ def run_scripted_jobs(
     """Yield one episode per (task, episode index) in ``todo``, in that order."""
     scripted = ScriptedConfig.from_cfg(cfg.get("scripted"))
     jobs = [(settings[t], scripted, seed, i) for t, i in todo]
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            yield _scripted_job(job)
-        return
-    ctx = mp.get_context(worker_start_method())
-    with ctx.Pool(min(workers, len(jobs)), initializer=init_worker) as pool:
-        yield from pool.imap(_scripted_job, jobs, chunksize=1)
+    yield from run_in_order(_scripted_job, jobs, workers)

@@ -8,12 +8,14 @@ collection ends.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from .factory import ensure_headless_gl, make_env
+from .factory import ensure_headless_gl, make_env, worker_start_method
 from .settings import ObsSettings
 
 
@@ -48,3 +50,16 @@ def init_worker() -> None:
         torch.set_num_threads(1)
     except ImportError:
         pass
+
+
+def run_in_order(job: Callable[[tuple], dict[str, Any]], jobs: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
+    """``job(args)`` for every args of ``jobs``, yielded in order: in this process with one
+    worker (or one job), else in a pool of ``workers`` processes (``job`` must be a
+    module-level function)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for args in jobs:
+            yield job(args)
+        return
+    ctx = mp.get_context(worker_start_method())
+    with ctx.Pool(min(workers, len(jobs)), initializer=init_worker) as pool:
+        yield from pool.imap(job, jobs, chunksize=1)

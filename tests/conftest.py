@@ -29,11 +29,9 @@ def close_cached_envs():
     """Keep collection tests independent: close the environments a collect (or a failed
     one) left in this process's cache. Modules that collect use it for every test."""
     yield
-    from sodp3d.envs import workers
+    from sodp3d.envs.workers import close_envs
 
-    for env in workers._ENVS.values():
-        env.close()
-    workers._ENVS.clear()
+    close_envs()
 
 
 # --------------------------------------------------------------------------------------

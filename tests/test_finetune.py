@@ -80,11 +80,8 @@ def test_scratch_init(pretrained, tmp_path):
     assert (ft["normalizer.action__min"] == pre["normalizer.action__min"]).all()
 
 
-def test_interrupted_run_resumes(pretrained, tmp_path, monkeypatch):
-    from sodp3d.finetune import ppo as module
-
-    out = tmp_path / "resume"
-    original = module.FineTuner.update
+def interrupting_second_update(original):
+    """FineTuner.update that raises KeyboardInterrupt on its second call (a kill mid-run)."""
     calls = {"n": 0}
 
     def interrupt_second(self, *a, **k):
@@ -92,6 +89,16 @@ def test_interrupted_run_resumes(pretrained, tmp_path, monkeypatch):
         if calls["n"] == 2:
             raise KeyboardInterrupt
         return original(self, *a, **k)
+
+    return interrupt_second
+
+
+def test_interrupted_run_resumes(pretrained, tmp_path, monkeypatch):
+    from sodp3d.finetune import ppo as module
+
+    out = tmp_path / "resume"
+    original = module.FineTuner.update
+    interrupt_second = interrupting_second_update(original)
 
     monkeypatch.setattr(module.FineTuner, "update", interrupt_second)
     assert finetune(pretrained, out, "task=reach-v3", "env_steps=72", "eval.episodes=0") == 130
@@ -186,13 +193,7 @@ def test_a_killed_run_resumes_its_curve_without_repeating_evaluations(pretrained
 
     out = tmp_path / "curve"
     original = module.FineTuner.update
-    calls = {"n": 0}
-
-    def interrupt_second(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
+    interrupt_second = interrupting_second_update(original)
 
     args = ("task=reach-v3", "env_steps=72", "eval.every_env_steps=24", "algo.advantage=gae")
     monkeypatch.setattr(module.FineTuner, "update", interrupt_second)
