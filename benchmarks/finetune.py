@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--reg", default="bc")
     parser.add_argument("--eval-episodes", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the rounds, profile one update on the last rollout with torch.profiler "
+                             "and print its N most expensive operators (by self CPU time) and where the time goes")
     parser.add_argument("overrides", nargs="*", help="demo config overrides, e.g. env.metaworld.num_points=512")
     args = parser.parse_args()
     cfg = compose("demo", [f"reg={args.reg}", *args.overrides])
@@ -176,6 +179,8 @@ def main() -> None:
         policy = policy_for(bare, args.preset, args.encoder)
         ft = FineTuner(policy, algo, device, seed=0)
         rows = measure(args, bare, vec, ft, E)
+        if args.profile:
+            profile_update(ft, rows[-1]["rollout"], args.profile)
         workers = [p.pid for p in getattr(vec, "processes", [])]
         worker_peak = sum(peak_mb(pid) for pid in workers)
     finally:
@@ -209,7 +214,8 @@ def measure(args, bare: Bare, vec, ft: FineTuner, E: int) -> list[dict]:
                "rss": resident_mb(), "ceil_steps": ceil_steps, "ceil_s": ceil_s,
                # CPU seconds: the workers in the ceiling and in collection; this process's
                # sampling (collection) and update
-               "cpu_ceiling": w1 - w0, "cpu_workers": w2 - w1, "cpu_sampling": m2 - m1, "cpu_update": m3 - m2}
+               "cpu_ceiling": w1 - w0, "cpu_workers": w2 - w1, "cpu_sampling": m2 - m1, "cpu_update": m3 - m2,
+               "rollout": ro}
         if r == 0 and args.eval_episodes > 0:
             gen = torch.Generator(device=ft.device).manual_seed(0)
             t = time.perf_counter()
@@ -220,6 +226,49 @@ def measure(args, bare: Bare, vec, ft: FineTuner, E: int) -> list[dict]:
               f"{ro.env_steps} steps ({ro.size} chunks) in {ro.seconds:.2f} s; update {row['grad_steps']} "
               f"gradient steps in {upd_s:.2f} s; resident {row['rss']:.0f} MB", flush=True)
     return rows
+
+
+def profile_update(ft: FineTuner, rollout, top: int) -> None:
+    """One more update on ``rollout`` under torch.profiler: the top operators by self CPU time,
+    and the update's time split into forward, backward and optimiser steps."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def label(module: torch.nn.Module, name: str) -> list:
+        """Forward hooks that open and close a profiler range named ``name`` around each call."""
+        open_ranges: list = []
+
+        def enter(*_):
+            open_ranges.append(record_function(name))
+            open_ranges[-1].__enter__()
+
+        def leave(*_):
+            open_ranges.pop().__exit__(None, None, None)
+
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+    hooks = label(ft.policy.encoder, "forward: encoder") + label(ft.policy.model, "forward: U-Net")
+    if ft.critic is not None:
+        hooks += label(ft.critic.mlp, "forward: critic MLP")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ft.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        with record_function("update"):
+            stats = ft.update(rollout)
+    for h in hooks:
+        h.remove()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48)
+    print(f"\nProfile of one update ({stats['gradient_steps']} gradient steps, {rollout.size} chunks), "
+          f"top {top} operators by self CPU time:\n{table}")
+    events = {e.key: e for e in prof.key_averages()}
+    total = events["update"].cpu_time_total if "update" in events else float("nan")
+    print("| part of the update | CPU ms | share |")
+    print("|---|---:|---:|")
+    for name, keys in [*[(k, [k]) for k in ("forward: encoder", "forward: U-Net", "forward: critic MLP") if k in events],
+                       ("backward (autograd)", [k for k in events if k.startswith("autograd::engine::evaluate_function")]),
+                       ("optimiser (Adam)", [k for k in events if k.startswith("Optimizer.step#Adam")]),
+                       ("gradient clipping", [k for k in events if "clip_grad" in k])]:
+        ms = sum(events[k].cpu_time_total for k in keys) / 1e3
+        print(f"| {name} | {ms:.0f} | {ms * 1e3 / total:.1%} |")
+    print(f"| the whole update | {total / 1e3:.0f} | 100% |")
 
 
 def report(args, cfg, bare: Bare, rows: list[dict], ft: FineTuner, E: int, worker_peak: float) -> None:

@@ -261,12 +261,14 @@ class DiffusionPolicy(nn.Module):
 
     def chain_log_prob_and_loss(self, obs: dict[str, Any], chain: torch.Tensor, batch: dict[str, Any],
                                 sampler: DDIMSampler | None = None,
-                                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                generator: torch.Generator | None = None,
+                                return_cond: bool = False) -> tuple[torch.Tensor, ...]:
         """``chain_log_prob(condition(obs), chain)`` and ``compute_loss(batch)`` together, from
         one encoder pass over both sets of observations and one U-Net pass over the B * S
         chain steps and the batch's noised windows (what fine-tuning with the BC term
         computes every gradient step). Equal to the two calls, with the same draws from
-        ``generator``, to float rounding; fewer, larger operations."""
+        ``generator``, to float rounding; fewer, larger operations. ``return_cond``: also
+        the chunks' condition (B, G), detached (the critic reads it)."""
         sampler = sampler or self.sampler
         x_t, x_next, steps = self._chain_steps(chain, sampler)
         B, S = chain.shape[0], chain.shape[1] - 1 - self.config.frozen_steps
@@ -285,7 +287,8 @@ class DiffusionPolicy(nn.Module):
                          torch.cat([cond.repeat_interleave(S, dim=0), cond_loss]))
         chain_out, loss_out = out[: B * S], out[B * S:]
         log_prob = sampler.log_prob_of_step(lambda x, t: chain_out, x_t, x_next, steps).reshape(B, S)
-        return log_prob, self.schedule.loss(loss_out, x0, noise)
+        loss = self.schedule.loss(loss_out, x0, noise)
+        return (log_prob, loss, cond.detach()) if return_cond else (log_prob, loss)
 
     # -- acting -------------------------------------------------------------------------
     @torch.no_grad()

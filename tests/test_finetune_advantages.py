@@ -107,6 +107,38 @@ def test_a_critic_fitted_on_a_fixed_batch_lowers_its_value_loss(features):
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
 
+@pytest.mark.parametrize("reg", ["bc", "none"])
+def test_the_critic_reads_the_policy_steps_features_without_another_encoder_pass(reg):
+    # features=policy: each gradient step encodes its chunks once (the policy step's pass,
+    # which also encodes the BC windows), and the critic's value loss reads those features.
+    policy = make_policy(0)
+    ft = FineTuner(policy, algo(reg=reg, advantage="gae", p_step=3, reward_signal=False, gamma=0.9, gae_lambda=0.9,
+                                critic={"features": "policy", "hidden": 16, "layers": 1, "lr": 1e-3,
+                                        "warmup_updates": 0}), CPU, seed=0)
+    ro = _signed_rollout(ft)
+    shape = _rollout([[0.0] * 24] * 2, [[Ta] * 24] * 2, [False, False])  # two episodes of 24 chunks
+    ro.trajectories, ro.executed = shape.trajectories, shape.executed
+    ft.buffer.add([trajectory(np.zeros((6, 2)), [0, 3], success=True)])
+    seen: list[torch.Tensor] = []
+    hook = policy.encoder.register_forward_hook(lambda m, args, out: seen.append(out))
+    read: list[torch.Tensor] = []
+    mlp_hook = ft.critic.mlp.register_forward_pre_hook(lambda m, args: read.append(args[0]))
+    try:
+        stats = ft.update(ro, episodes=2)
+    finally:
+        hook.remove()
+        mlp_hook.remove()
+    steps = stats["gradient_steps"]
+    assert steps == 6
+    # the values of the rollout and of the final observations: two passes without gradients;
+    # then exactly one pass per gradient step
+    assert len(seen) == 2 + steps
+    step_feats = [f.detach().reshape(-1, policy.cond_dim) for f in seen[2:]]
+    for fed, feats in zip(read[-steps:], step_feats):
+        assert not fed.requires_grad
+        assert torch.equal(fed, feats[: fed.shape[0]])  # the chunks come first in the step's batch
+
+
 def test_epochs_read_every_chunk_exactly_n_times():
     rng = np.random.default_rng(0)
     seen = np.concatenate([b.numpy() for b in minibatches(23, 5, rng, epochs=3)])

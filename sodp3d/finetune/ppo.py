@@ -22,7 +22,9 @@ the sum of the environment rewards of its Ta executed steps (discount 1). One up
      plus lambda times the regulariser (sodp3d.finetune.regularisers); ``ppo_weight``
      scales L_Imp (1: the paper; 0: the regulariser alone, a control). A regulariser
      that is a denoising loss (bc, pl) shares the log-probs' encoder and U-Net pass.
-     With a critic, each step also takes a value-loss step on the same chunks;
+     With a critic, each step also takes a value-loss step on the same chunks (with
+     ``critic.features=policy`` on the features the policy step just computed, so the
+     critic costs no encoder pass);
   4. diagnostics: approx KL (overall and per denoising step), clip fraction, ratio
      range, every loss term, gradient norms (each term's with ``grad_terms``), lr,
      the critic's explained variance and time, and how much of the chunk rewards'
@@ -234,13 +236,14 @@ class FineTuner:
         for idx in minibatches(rollout.size, chunks_per_batch, self.rng, **plan):
             obs = {k: v[idx].to(self.device) for k, v in rollout.obs.items()}
             stats: dict[str, Any] = {}
+            cond = None  # the chunks' features from the policy step, which the critic reads (features=policy)
             if not warming:
-                stats = self._policy_step(obs, rollout, idx, old_logp_all[idx].to(self.device),
-                                          weights[idx.to(self.device)][:, None] * denoise_w[None])
+                stats, cond = self._policy_step(obs, rollout, idx, old_logp_all[idx].to(self.device),
+                                                weights[idx.to(self.device)][:, None] * denoise_w[None])
                 kl_steps += torch.as_tensor(stats.pop("kl_per_step"), dtype=torch.float64)
             if self.critic is not None:
                 t_c = time.perf_counter()
-                stats["value_loss"] = self._critic_step(obs, returns[idx].to(self.device))
+                stats["value_loss"] = self._critic_step(obs, returns[idx].to(self.device), cond)
                 critic_s += time.perf_counter() - t_c
             taken += 1
             for k, v in stats.items():
@@ -272,15 +275,19 @@ class FineTuner:
         return sums
 
     def _policy_step(self, obs: dict[str, torch.Tensor], rollout: Rollout, idx: torch.Tensor,
-                     old_logp: torch.Tensor, weights: torch.Tensor) -> dict[str, Any]:
-        """One gradient step of L = ppo_weight * L_Imp + lambda * L_reg on these chunks."""
+                     old_logp: torch.Tensor, weights: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+        """One gradient step of L = ppo_weight * L_Imp + lambda * L_reg on these chunks;
+        (diagnostics, the chunks' condition before the step, detached)."""
         policy = self.policy
         chains = rollout.chains[idx].to(self.device)
         batch = self.regulariser.denoising_batch(obs, chains, rollout)
         if batch is not None:  # bc, pl: their loss from the same encoder and U-Net pass
-            new_logp, reg = policy.chain_log_prob_and_loss(obs, chains, batch, self.sampler, self.torch_gen)
+            new_logp, reg, cond = policy.chain_log_prob_and_loss(obs, chains, batch, self.sampler, self.torch_gen,
+                                                                 return_cond=True)
         else:
-            new_logp = chunk_log_probs(policy, self.sampler, obs, chains)
+            cond = policy.condition(obs)
+            new_logp = policy.chain_log_prob(cond, chains, self.sampler)
+            cond = cond.detach()
             reg = self.regulariser.loss(obs, chains, rollout)
         loss_imp, stats = ppo_loss(new_logp, old_logp, weights, self.clip)
         loss = self.ppo_weight * loss_imp if reg is None else self.ppo_weight * loss_imp + self.reg_weight * reg
@@ -308,10 +315,13 @@ class FineTuner:
         stats.update({"loss": float(loss.detach()), "loss_imp": float(loss_imp.detach()),
                       f"loss_{self.reg_name}": float(reg.detach()) if reg is not None else 0.0,
                       "grad_norm": float(grad_norm)})
-        return stats
+        return stats, cond
 
-    def _critic_step(self, obs: dict[str, torch.Tensor], returns: torch.Tensor) -> float:
-        value = self.critic(self.policy, obs)
+    def _critic_step(self, obs: dict[str, torch.Tensor], returns: torch.Tensor,
+                     cond: torch.Tensor | None = None) -> float:
+        """One value-loss step; ``cond``: the policy's features of ``obs`` when the policy
+        step has just computed them (read by features=policy, saving an encoder pass)."""
+        value = self.critic(self.policy, obs, cond)
         loss = 0.5 * ((value - returns) ** 2).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite value loss at update {self.updates}")
