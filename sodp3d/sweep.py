@@ -145,6 +145,8 @@ def plan(cfg: DictConfig) -> list[Run]:
         extra = {"task": [task], "out": str(out / "data" / f"{task}.zarr"), "seed": int(cfg.seed),
                  **(collect_extra.get(task) or {})}
         c = stage_config("collect", cfg, "collect", extra)
+        if c.get("source") == "expert" and c.expert.get("path"):  # read from where the sweep starts, by any worker
+            c.expert.path = str(Path(str(c.expert.path)).expanduser().absolute())
         data[task] = Run(f"collect/{task}", "collect", out / "data" / f"{task}.zarr", _plain(c),
                          cpus=float(max(1, int(c.workers))))
     runs += data.values()

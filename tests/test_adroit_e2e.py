@@ -10,6 +10,7 @@ through the store, the checkpoints and the policy's output, the horizons are Adr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mujoco
 import numpy as np
@@ -132,7 +133,7 @@ def test_the_adroit_experiments_pretrain_one_model_per_task():
     from sodp3d.sweep import plan
 
     tasks = ["adroit-door", "adroit-hammer", "adroit-pen"]
-    for name, seeds in (("adroit-cpu", [0]), ("adroit-paper", [0, 1, 2])):
+    for name, seeds in (("adroit-cpu", [0, 1, 2]), ("adroit-paper", [0, 1, 2])):
         runs = {r.id: r for r in plan(compose("sweep", [f"experiment={name}", "device=cpu"]))}
         pre = {i: r for i, r in runs.items() if r.command == "pretrain"}
         assert sorted(pre) == sorted(f"pretrain/{t}-s{s}" for t in tasks for s in seeds)
@@ -142,8 +143,10 @@ def test_the_adroit_experiments_pretrain_one_model_per_task():
             assert r.cfg["policy"]["unet"] == "simple"
             ft = runs[f"finetune/bc/{t}-s0"]
             assert ft.needs == [r.id] and ft.cfg["ckpt"] == str(r.dir)
-    c = runs["collect/adroit-door"].cfg
-    assert c["source"] == "sac" and c["sac"]["keep"] == 0.3
+        # DAPG's experts, degraded; the policies' folder is made absolute where the sweep starts
+        c = runs["collect/adroit-door"].cfg
+        assert c["source"] == "expert" and c["expert"]["noise_std"] == [0.0, 0.4]
+        assert Path(c["expert"]["path"]).is_absolute() and Path(c["expert"]["path"]).name == "adroit-experts"
     cpu = {r.id: r for r in plan(compose("sweep", ["experiment=adroit-cpu", "device=cpu"]))}
     assert [cpu["pretrain/adroit-pen-s0"].cfg[k] for k in ("horizon", "n_obs_steps", "n_action_steps")] == [4, 2, 3]
     with pytest.raises(UserError, match="mixtures=per_task"):
