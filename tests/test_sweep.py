@@ -174,3 +174,36 @@ def test_variants_naming_the_same_encoder_share_one_pre_training(tmp_path):
     assert pre == ["pretrain/all-s0", "pretrain/all-state-s0"], pre
     ckpt = {r.id.split("/")[1]: Path(r.cfg["ckpt"]).name for r in runs if r.command == "finetune"}
     assert ckpt == {"a": "all-state-s0", "b": "all-state-s0", "c": "all-s0"}, ckpt
+
+
+def test_the_paper_tables_at_cpu_scale_are_planned_as_the_paper_runs_them():
+    """mt10-cpu: one planner per seed on all ten MT10 tasks, each task fine-tuned from it.
+    transfer-cpu (the paper's Table 3): the three targets never enter pre-training; the
+    multi-task mixture holds ten tasks (basketball among them), the single-task one
+    basketball alone, scratch a fresh network; every variant fine-tunes every target."""
+    from sodp3d.config import compose
+    from sodp3d.envs.tasks import resolve_tasks
+    from sodp3d.sweep import plan
+
+    mt10 = resolve_tasks("mt10")
+    runs = {r.id: r for r in plan(compose("sweep", ["experiment=mt10-cpu", "device=cpu"]))}
+    pre = sorted(i for i, r in runs.items() if r.command == "pretrain")
+    assert pre == ["pretrain/all-s0", "pretrain/all-s1", "pretrain/all-s2"]
+    assert sorted(runs["pretrain/all-s0"].needs) == sorted(f"collect/{t}" for t in mt10)
+    ft = [r for r in runs.values() if r.command == "finetune"]
+    assert sorted((r.cfg["task"], r.cfg["seed"]) for r in ft) == sorted((t, s) for t in mt10 for s in (0, 1, 2))
+    assert all(r.needs == [f"pretrain/all-s{r.cfg['seed']}"] and r.cfg["eval"]["episodes"] == 50 for r in ft)
+
+    targets = ["drawer-open-v3", "plate-slide-side-v3", "handle-pull-side-v3"]
+    runs = {r.id: r for r in plan(compose("sweep", ["experiment=transfer-cpu", "device=cpu"]))}
+    collected = {r.cfg["task"][0] for r in runs.values() if r.command == "collect"}
+    assert len(collected) == 10 and not collected & set(targets) and "basketball-v3" in collected
+    assert runs["pretrain/single-s1"].needs == ["collect/basketball-v3"]
+    assert len(runs["pretrain/multi-s1"].needs) == 10
+    ft = [r for r in runs.values() if r.command == "finetune"]
+    assert len(ft) == 3 * 3 * 3
+    for r in ft:
+        variant = r.id.split("/")[1]
+        mixture = {"multi-task": "multi", "single-task": "single", "scratch": "multi"}[variant]
+        assert r.cfg["task"] in targets and r.needs == [f"pretrain/{mixture}-s{r.cfg['seed']}"]
+        assert r.cfg["init"] == ("scratch" if variant == "scratch" else "pretrained")
