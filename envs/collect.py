@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.data.store import EpisodeDataset, EpisodeWriter, inspect_path
 from sodp3d.errors import UserError
 
-from .expert_source import check_expert, run_expert_jobs
+from .expert_source import check_expert, expert_provenance, run_expert_jobs
 from .sac_source import check_sac, run_sac_jobs
 from .scripted_source import check_scripted, run_scripted_jobs
 from .settings import ObsSettings, task_settings
@@ -50,13 +50,19 @@ class Source(NamedTuple):
 
     check: Callable[[list[str], DictConfig], None]
     run_jobs: Callable[..., Iterator[dict[str, Any]]]
+    # what the dataset's attrs record of where a task's episodes come from, beyond the config
+    # (the expert source: the policy file's name and sha256); extending a task must not change it
+    provenance: Callable[[str, DictConfig, int], dict[str, Any]] = lambda task, cfg, n_tasks: {}
 
 
 SOURCES: dict[str, Source] = {
     "scripted": Source(check_scripted, run_scripted_jobs),
     "sac": Source(check_sac, run_sac_jobs),
-    "expert": Source(check_expert, run_expert_jobs),
+    "expert": Source(check_expert, run_expert_jobs, expert_provenance),
 }
+
+
+PROVENANCE_KEYS = ("expert_policy",)  # the keys the sources' provenance records write
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -119,9 +125,10 @@ def collect(cfg: DictConfig) -> dict[str, Any]:
         "seed": seed,
         source: OmegaConf.to_container(source_cfg, resolve=True) if source_cfg is not None else {},
     }
+    recipes = {t: {**recipe, **SOURCES[source].provenance(t, cfg, len(tasks))} for t in tasks}
     writer = EpisodeWriter.open(out) if kind == "sodp3d" else None
     if writer is not None:
-        _check_compatible(out, writer.attrs, settings, recipe)
+        _check_compatible(out, writer.attrs, settings, recipes)
     try:
         dims = {t: preflight(s) for t, s in settings.items()}
         if len({tuple(d.values()) for d in dims.values()}) > 1:
@@ -134,7 +141,7 @@ def collect(cfg: DictConfig) -> dict[str, Any]:
             if all(v is not None for v in old.values()) and old != shape:
                 raise UserError(f"{out} holds steps with {old}; these tasks have {shape}; choose another out path")
 
-        task_attrs = {t: {**s.to_dict(), **recipe} for t, s in settings.items()}
+        task_attrs = {t: {**s.to_dict(), **recipes[t]} for t, s in settings.items()}
         if writer is None:
             writer = EpisodeWriter.create(out, {**_dataset_attrs(task_attrs, settings, seed), **shape})
         else:
@@ -186,7 +193,7 @@ def _dataset_attrs(task_attrs: dict, settings: dict[str, ObsSettings], seed: int
     }
 
 
-def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings], recipe: dict[str, Any]) -> None:
+def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings], recipes: dict[str, dict[str, Any]]) -> None:
     stored = attrs.get("tasks", {})
     for task, s in settings.items():
         shape = (s.num_points, s.channels)
@@ -204,8 +211,9 @@ def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings], r
             )
         if task in stored:
             old = {k: v for k, v in stored[task].items() if k != "task"}
-            new = {k: v for k, v in {**s.to_dict(), **recipe}.items() if k != "task"}
-            diff = sorted(k for k in new if old.get(k) != new[k])
+            new = {k: v for k, v in {**s.to_dict(), **recipes[task]}.items() if k != "task"}
+            # (a record a dataset predates, such as the expert file's sha256, is not compared)
+            diff = sorted(k for k in new if old.get(k) != new[k] and (k in old or k not in PROVENANCE_KEYS))
             if diff:
                 raise UserError(
                     f"{out} was collected for {task} with other settings ({', '.join(diff)} differ{'s' if len(diff) == 1 else ''}); "

@@ -557,6 +557,13 @@ def check_expert(tasks: list[str], cfg: DictConfig) -> None:
         check_dims(expert_for(policy_path(section.get("path"), task, len(tasks))), task)
 
 
+def expert_provenance(task: str, cfg: DictConfig, n_tasks: int) -> dict[str, Any]:
+    """What a dataset records of the policy behind ``task``'s episodes: its file's name and
+    sha256 (a path differs between machines; the bytes do not)."""
+    policy = expert_for(policy_path((cfg.get("expert") or {}).get("path"), task, n_tasks))
+    return {"expert_policy": {"file": Path(policy.path).name, "sha256": policy.sha256}}
+
+
 # --------------------------------------------------------------------------------------
 # Episodes.
 def run_expert_episode(settings: ObsSettings, cfg: ScriptedConfig, path: str, seed: int, index: int) -> dict[str, Any]:

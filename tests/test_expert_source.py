@@ -231,6 +231,28 @@ def test_noise_knobs_and_resumption(tmp_path, capsys, mjrl_names):
     assert "expert.noise_std" in assert_one_line_error(rc, o, e)
 
 
+def test_the_dataset_records_the_policy_file_and_refuses_another_one_to_extend_it(tmp_path, capsys, mjrl_names):
+    """The store names the policy file and its sha256 per task; extending the dataset with
+    other bytes at the same path is one line, and the episodes already there stay."""
+    import hashlib
+
+    import zarr
+
+    obs, act = POLICY_DIMS["adroit-door"]
+    (tmp_path / "experts").mkdir()
+    policy = tmp_path / "experts" / "door-v0.pickle"
+    write_policy(policy, mjrl_names, [obs, 4, act], door_transformations(1))
+    common = ["task=adroit-door", f"expert.path={tmp_path / 'experts'}", *FAST]
+    out = tmp_path / "d.zarr"
+    assert collect_cli(capsys, out, *common, "episodes=1")[0] == 0
+    recorded = dict(zarr.open_group(str(out), mode="r").attrs)["tasks"]["adroit-door"]["expert_policy"]
+    assert recorded == {"file": "door-v0.pickle", "sha256": hashlib.sha256(policy.read_bytes()).hexdigest()}
+    write_policy(policy, mjrl_names, [obs, 4, act], door_transformations(2))  # other weights, same name
+    rc, o, e = collect_cli(capsys, out, *common, "episodes=2")
+    assert "expert_policy" in assert_one_line_error(rc, o, e)
+    assert EpisodeDataset(out).n_episodes == 1
+
+
 def test_the_task_dims_are_the_envs():
     from sodp3d.envs.suites import make_suite_env
 
