@@ -195,6 +195,8 @@ def measure(args, bare: Bare, vec, ft: FineTuner, E: int) -> list[dict]:
     workers = [p.pid for p in getattr(vec, "processes", [])]
     rows = []
     for r in range(args.rounds):
+        if rows:
+            rows[-1].pop("rollout")  # only the last round's rollout is kept (for --profile): memory must not grow
         seeds = [1000 * (r + 1) + j for j in range(E)]
         bare_steps = 300
         bare_s = bare.step(bare_steps)
