@@ -51,7 +51,7 @@ from sodp3d.encoders import ENCODERS  # noqa: E402
 from sodp3d.envs import make_env, make_vector_env, task_settings  # noqa: E402
 from sodp3d.evaluate import evaluate_task  # noqa: E402
 from sodp3d.finetune.ppo import FineTuner  # noqa: E402
-from sodp3d.finetune.rollouts import collect_rollout  # noqa: E402
+from sodp3d.finetune.rollouts import Rollout, collect_rollout  # noqa: E402
 from sodp3d.normalizer import MinMaxNormalizer  # noqa: E402
 from sodp3d.policy import DiffusionPolicy, PolicyConfig  # noqa: E402
 from sodp3d.runs import keep_host_memory, resolve_device  # noqa: E402
@@ -178,9 +178,9 @@ def main() -> None:
         device = resolve_device(args.device)
         policy = policy_for(bare, args.preset, args.encoder)
         ft = FineTuner(policy, algo, device, seed=0)
-        rows = measure(args, bare, vec, ft, E)
+        rows, last = measure(args, bare, vec, ft, E)
         if args.profile:
-            profile_update(ft, rows[-1]["rollout"], args.profile)
+            profile_update(ft, last, args.profile)
         workers = [p.pid for p in getattr(vec, "processes", [])]
         worker_peak = sum(peak_mb(pid) for pid in workers)
     finally:
@@ -189,14 +189,13 @@ def main() -> None:
     report(args, cfg, bare, rows, ft, E, worker_peak)
 
 
-def measure(args, bare: Bare, vec, ft: FineTuner, E: int) -> list[dict]:
+def measure(args, bare: Bare, vec, ft: FineTuner, E: int) -> tuple[list[dict], Rollout]:
+    """One row of measures per round, and the last round's rollout (for --profile)."""
     rng = np.random.default_rng(0)
     vec.reset(seed=list(range(E)))  # the workers are up (started, GL contexts made) before timing
     workers = [p.pid for p in getattr(vec, "processes", [])]
     rows = []
     for r in range(args.rounds):
-        if rows:
-            rows[-1].pop("rollout")  # only the last round's rollout is kept (for --profile): memory must not grow
         seeds = [1000 * (r + 1) + j for j in range(E)]
         bare_steps = 300
         bare_s = bare.step(bare_steps)
@@ -216,8 +215,7 @@ def measure(args, bare: Bare, vec, ft: FineTuner, E: int) -> list[dict]:
                "rss": resident_mb(), "ceil_steps": ceil_steps, "ceil_s": ceil_s,
                # CPU seconds: the workers in the ceiling and in collection; this process's
                # sampling (collection) and update
-               "cpu_ceiling": w1 - w0, "cpu_workers": w2 - w1, "cpu_sampling": m2 - m1, "cpu_update": m3 - m2,
-               "rollout": ro}
+               "cpu_ceiling": w1 - w0, "cpu_workers": w2 - w1, "cpu_sampling": m2 - m1, "cpu_update": m3 - m2}
         if r == 0 and args.eval_episodes > 0:
             gen = torch.Generator(device=ft.device).manual_seed(0)
             t = time.perf_counter()
@@ -227,7 +225,7 @@ def measure(args, bare: Bare, vec, ft: FineTuner, E: int) -> list[dict]:
         print(f"round {r}: bare {row['bare']:.0f} steps/s, ceiling {row['ceiling']:.0f} steps/s; collect "
               f"{ro.env_steps} steps ({ro.size} chunks) in {ro.seconds:.2f} s; update {row['grad_steps']} "
               f"gradient steps in {upd_s:.2f} s; resident {row['rss']:.0f} MB", flush=True)
-    return rows
+    return rows, ro
 
 
 def profile_update(ft: FineTuner, rollout, top: int) -> None:

@@ -62,9 +62,6 @@ SOURCES: dict[str, Source] = {
 }
 
 
-PROVENANCE_KEYS = ("expert_policy",)  # the keys the sources' provenance records write
-
-
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise UserError(f"{name} must be a positive integer, got {value!r}")
@@ -125,10 +122,10 @@ def collect(cfg: DictConfig) -> dict[str, Any]:
         "seed": seed,
         source: OmegaConf.to_container(source_cfg, resolve=True) if source_cfg is not None else {},
     }
-    recipes = {t: {**recipe, **SOURCES[source].provenance(t, cfg, len(tasks))} for t in tasks}
+    provenance = {t: SOURCES[source].provenance(t, cfg, len(tasks)) for t in tasks}
     writer = EpisodeWriter.open(out) if kind == "sodp3d" else None
     if writer is not None:
-        _check_compatible(out, writer.attrs, settings, recipes)
+        _check_compatible(out, writer.attrs, settings, recipe, provenance)
     try:
         dims = {t: preflight(s) for t, s in settings.items()}
         if len({tuple(d.values()) for d in dims.values()}) > 1:
@@ -141,7 +138,7 @@ def collect(cfg: DictConfig) -> dict[str, Any]:
             if all(v is not None for v in old.values()) and old != shape:
                 raise UserError(f"{out} holds steps with {old}; these tasks have {shape}; choose another out path")
 
-        task_attrs = {t: {**s.to_dict(), **recipes[t]} for t, s in settings.items()}
+        task_attrs = {t: {**s.to_dict(), **recipe, **provenance[t]} for t, s in settings.items()}
         if writer is None:
             writer = EpisodeWriter.create(out, {**_dataset_attrs(task_attrs, settings, seed), **shape})
         else:
@@ -193,7 +190,11 @@ def _dataset_attrs(task_attrs: dict, settings: dict[str, ObsSettings], seed: int
     }
 
 
-def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings], recipes: dict[str, dict[str, Any]]) -> None:
+def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings], recipe: dict[str, Any],
+                      provenance: dict[str, dict[str, Any]]) -> None:
+    """Refuse to extend a dataset with other settings. The settings and the recipe must equal
+    the stored ones; a provenance record (the expert file's sha256) must equal the stored
+    one where the dataset has it (datasets from before the record keep extending)."""
     stored = attrs.get("tasks", {})
     for task, s in settings.items():
         shape = (s.num_points, s.channels)
@@ -211,9 +212,9 @@ def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings], r
             )
         if task in stored:
             old = {k: v for k, v in stored[task].items() if k != "task"}
-            new = {k: v for k, v in {**s.to_dict(), **recipes[task]}.items() if k != "task"}
-            # (a record a dataset predates, such as the expert file's sha256, is not compared)
-            diff = sorted(k for k in new if old.get(k) != new[k] and (k in old or k not in PROVENANCE_KEYS))
+            new = {k: v for k, v in {**s.to_dict(), **recipe}.items() if k != "task"}
+            diff = sorted([k for k in new if old.get(k) != new[k]]
+                          + [k for k, v in provenance[task].items() if k in old and old[k] != v])
             if diff:
                 raise UserError(
                     f"{out} was collected for {task} with other settings ({', '.join(diff)} differ{'s' if len(diff) == 1 else ''}); "

@@ -12,6 +12,7 @@ S' = S - frozen_steps trained steps (S' = S unless fine-tuning froze the first s
   chain_log_prob(cond, chain)  per-step Gaussian log-probabilities (B, S') of the trained steps
   freeze_prefix(F)           the first F DDIM steps run a frozen copy (encoder + U-Net), saved with the policy
   chain_log_prob_and_loss(obs, chain, batch)  both of the above and compute_loss(batch) in one pass
+                             (and the condition, detached)
 
 Observations are min-max normalised per key, except ``image`` (uint8): the image encoder
 scales it itself. An encoder that augments in training (the image encoder's random crops)
@@ -261,14 +262,14 @@ class DiffusionPolicy(nn.Module):
 
     def chain_log_prob_and_loss(self, obs: dict[str, Any], chain: torch.Tensor, batch: dict[str, Any],
                                 sampler: DDIMSampler | None = None,
-                                generator: torch.Generator | None = None,
-                                return_cond: bool = False) -> tuple[torch.Tensor, ...]:
+                                generator: torch.Generator | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``chain_log_prob(condition(obs), chain)`` and ``compute_loss(batch)`` together, from
         one encoder pass over both sets of observations and one U-Net pass over the B * S
         chain steps and the batch's noised windows (what fine-tuning with the BC term
         computes every gradient step). Equal to the two calls, with the same draws from
-        ``generator``, to float rounding; fewer, larger operations. ``return_cond``: also
-        the chunks' condition (B, G), detached (the critic reads it)."""
+        ``generator``, to float rounding; fewer, larger operations. Returns (log-probs
+        (B, S'), the loss, the chunks' condition (B, G) detached: a critic reads it)."""
         sampler = sampler or self.sampler
         x_t, x_next, steps = self._chain_steps(chain, sampler)
         B, S = chain.shape[0], chain.shape[1] - 1 - self.config.frozen_steps
@@ -288,7 +289,7 @@ class DiffusionPolicy(nn.Module):
         chain_out, loss_out = out[: B * S], out[B * S:]
         log_prob = sampler.log_prob_of_step(lambda x, t: chain_out, x_t, x_next, steps).reshape(B, S)
         loss = self.schedule.loss(loss_out, x0, noise)
-        return (log_prob, loss, cond.detach()) if return_cond else (log_prob, loss)
+        return log_prob, loss, cond.detach()
 
     # -- acting -------------------------------------------------------------------------
     @torch.no_grad()

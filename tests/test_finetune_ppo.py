@@ -273,7 +273,7 @@ def test_one_pass_for_the_ppo_and_bc_terms_equals_two(encoder, reg):
         policy.zero_grad(set_to_none=True)
         g = torch.Generator().manual_seed(7)
         if shared:
-            logp, loss = policy.chain_log_prob_and_loss(ppo_obs, chains, batch, sampler, g)
+            logp, loss, _ = policy.chain_log_prob_and_loss(ppo_obs, chains, batch, sampler, g)
         else:
             logp = policy.chain_log_prob(policy.condition(ppo_obs), chains, sampler)
             loss = policy.compute_loss(batch, generator=g)

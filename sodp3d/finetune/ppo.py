@@ -282,8 +282,7 @@ class FineTuner:
         chains = rollout.chains[idx].to(self.device)
         batch = self.regulariser.denoising_batch(obs, chains, rollout)
         if batch is not None:  # bc, pl: their loss from the same encoder and U-Net pass
-            new_logp, reg, cond = policy.chain_log_prob_and_loss(obs, chains, batch, self.sampler, self.torch_gen,
-                                                                 return_cond=True)
+            new_logp, reg, cond = policy.chain_log_prob_and_loss(obs, chains, batch, self.sampler, self.torch_gen)
         else:
             cond = policy.condition(obs)
             new_logp = policy.chain_log_prob(cond, chains, self.sampler)
