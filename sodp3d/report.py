@@ -135,8 +135,10 @@ def _add_record(rec: dict[str, Any], f: Path, entries: dict[tuple, dict[str, Any
                                          "history": None, "source": str(f)})
             if t.get("finetuned_success") is not None:
                 key = (_finetuned_label(rec), str(f), seed, t["task"])
+                start = t.get("pretrained_success")  # the same run's evaluation before its first update
                 entries[key] = {"variant": key[0], "seed": seed, "task": t["task"],
                                 "success": float(t["finetuned_success"]), "return": t.get("finetuned_return"),
+                                "start": None if start is None else float(start),
                                 "history": t.get("history"), "evals": t.get("evals"),
                                 "eta": (rec.get("eval_etas") or [0.0])[0], "source": str(f)}
     else:
@@ -294,6 +296,42 @@ def paired(entries: list[dict[str, Any]], tasks: list[str], control: str) -> dic
     return {"control": label, "variants": out}
 
 
+def gains(entries: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per fine-tuned variant and task: what fine-tuning changed, the run's final success
+    minus its own evaluation before the first update (same model, same reset seeds), mean
+    ± std across seeds; ``average`` averages the tasks within each seed first."""
+    by: dict[str, dict[int, dict[str, float]]] = {}
+    for e in entries:
+        if e["variant"].startswith("fine-tuned") and e.get("start") is not None:
+            by.setdefault(e["variant"], {}).setdefault(e["seed"], {})[e["task"]] = float(e["success"]) - e["start"]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for v, seeds in by.items():
+        out[v] = {}
+        for t in [*tasks, "average"]:
+            vals = ([float(np.mean([r[x] for x in tasks])) for r in seeds.values() if all(x in r for x in tasks)]
+                    if t == "average" else [r[t] for r in seeds.values() if t in r])
+            if vals:
+                m, sd = _mean_std(vals)
+                out[v][t] = {"mean": m, "std": sd, "n": len(vals), "positive": sum(x > 0 for x in vals)}
+    return out
+
+
+def gains_markdown(g: dict[str, dict[str, dict[str, Any]]], tasks: list[str]) -> list[str]:
+    variants = list(g)
+    lines = ["", "Fine-tuning's gain in points: each run's final success minus its own evaluation before "
+             "the first update (same model, same reset seeds), mean ± std across seeds (n); "
+             "in brackets, the seeds that gained:", "",
+             "| task | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+    for t in [*tasks, "average"]:
+        cells = []
+        for v in variants:
+            c = g[v].get(t)
+            cells.append("-" if c is None else
+                         f"{100 * c['mean']:+.1f} ± {100 * c['std']:.1f} (n={c['n']}) [{c['positive']}/{c['n']}]")
+        lines.append(f"| {'**average**' if t == 'average' else t} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def paired_markdown(p: dict[str, Any]) -> list[str]:
     seeds = sorted({s for v in p["variants"].values() for s in v["per_seed"]}, key=int)
     lines = ["", f"Paired differences against {p['control']}, success averaged over the tasks, in points "
@@ -325,12 +363,16 @@ def run(cfg) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     failed = OmegaConf.to_container(cfg.failed) if cfg.get("failed") else []
     text = markdown(summary, metrics, files, failed)
+    gain = gains(entries, summary["tasks"])
+    if gain:
+        text += "\n" + "\n".join(gains_markdown(gain, summary["tasks"]))
     pairs = paired(entries, summary["tasks"], str(cfg.control)) if cfg.get("control") else None
     if pairs:
         text += "\n" + "\n".join(paired_markdown(pairs))
     written = [str(write_text_atomic(out / "report.md", text + "\n")),
                str(write_text_atomic(out / "report.json", json.dumps(
-                   {"metrics": metrics, "runs": [str(f) for f in files], "failed": failed, "paired": pairs, **summary},
+                   {"metrics": metrics, "runs": [str(f) for f in files], "failed": failed, "gains": gain, "paired": pairs,
+                    **summary},
                    indent=2)))]
     groups = summary["tasks"] + ["average"]
     series = {}

@@ -47,8 +47,9 @@ def test_table_is_mean_and_std_across_seeds(runs, tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert text in capsys.readouterr().out
     assert "final evaluation" in text and "mean ± standard deviation across seeds" in text
+    success_table = text[:text.index("Fine-tuning's gain")]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+            for line in success_table.splitlines() if line.startswith("| ") and "---" not in line}
     header = rows.pop("task")
     assert header == ["pre-trained (dp3, tiny)", "fine-tuned reg=bc init=pretrained (dp3, tiny)",
                       "fine-tuned reg=none init=pretrained (dp3, tiny)"]
@@ -63,6 +64,25 @@ def test_table_is_mean_and_std_across_seeds(runs, tmp_path, capsys):
     assert summary["cells"]["fine-tuned reg=bc init=pretrained (dp3, tiny)"]["push-v3"]["n"] == 3
     for png in ("success.png", "curves.png"):
         assert Image.open(out / png).size[0] > 200
+
+
+def test_the_gain_is_each_runs_final_success_minus_its_own_start(runs, tmp_path):
+    """Fine-tuning's gain pairs every run with its own evaluation before the first update:
+    bc on reach 0.2 / 0.4 / 0.6 from 0.1 -> +10 / +30 / +50 points; none 0.0 / 0.1 from 0.1."""
+    out = tmp_path / "report"
+    assert main(["report", f"runs=[{','.join(str(r) for r in runs)}]", f"out={out}"]) == 0
+    text = (out / "report.md").read_text()
+    section = text[text.index("Fine-tuning's gain"):]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in section.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["task"] == ["fine-tuned reg=bc init=pretrained (dp3, tiny)",
+                            "fine-tuned reg=none init=pretrained (dp3, tiny)"]
+    assert rows["reach-v3"] == ["+30.0 ± 20.0 (n=3) [3/3]", "-5.0 ± 7.1 (n=2) [0/2]"]
+    assert rows["push-v3"][0] == "+30.0 ± 17.3 (n=3) [3/3]"
+    # Average within each seed first: bc 0.15, 0.25, 0.5.
+    assert rows["**average**"][0] == "+30.0 ± 18.0 (n=3) [3/3]"
+    gains = json.loads((out / "report.json").read_text())["gains"]
+    assert gains["fine-tuned reg=none init=pretrained (dp3, tiny)"]["push-v3"]["mean"] == pytest.approx(-0.2)
 
 
 def test_a_parent_directory_is_searched_and_eval_runs_join(runs, tmp_path, capsys):
