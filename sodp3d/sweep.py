@@ -119,7 +119,9 @@ def _variant_encoder(name: str, settings: dict, base: dict[str, Any]) -> dict[st
 
 def plan(cfg: DictConfig) -> list[Run]:
     """Every run of the experiment, in an order where a run comes after the runs it needs."""
-    out = Path(str(cfg.root)) / str(cfg.name)
+    # Absolute, so that every stage's paths (data, checkpoints, run dirs, a policy file) name the
+    # same files from any Ray worker, whatever directory the worker starts in.
+    out = Path(str(cfg.root)).expanduser().absolute() / str(cfg.name)
     seeds = OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds
     seeds = [seeds] if isinstance(seeds, int) else list(seeds or [])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -145,7 +147,7 @@ def plan(cfg: DictConfig) -> list[Run]:
         extra = {"task": [task], "out": str(out / "data" / f"{task}.zarr"), "seed": int(cfg.seed),
                  **(collect_extra.get(task) or {})}
         c = stage_config("collect", cfg, "collect", extra)
-        if c.get("source") == "expert" and c.expert.get("path"):  # read from where the sweep starts, by any worker
+        if c.expert.get("path"):  # the one path a stage takes from the user: relative to where the sweep starts
             c.expert.path = str(Path(str(c.expert.path)).expanduser().absolute())
         data[task] = Run(f"collect/{task}", "collect", out / "data" / f"{task}.zarr", _plain(c),
                          cpus=float(max(1, int(c.workers))))

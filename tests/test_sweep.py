@@ -207,3 +207,20 @@ def test_the_paper_tables_at_cpu_scale_are_planned_as_the_paper_runs_them():
         mixture = {"multi-task": "multi", "single-task": "single", "scratch": "multi"}[variant]
         assert r.cfg["task"] in targets and r.needs == [f"pretrain/{mixture}-s{r.cfg['seed']}"]
         assert r.cfg["init"] == ("scratch" if variant == "scratch" else "pretrained")
+
+
+def test_relative_paths_are_planned_as_absolute(tmp_path, monkeypatch):
+    """A relative root and a relative policy path name the same files from a Ray worker that
+    starts elsewhere: every directory and path a run's config holds is absolute, under the
+    directory the sweep started in."""
+    from sodp3d.config import compose
+    from sodp3d.sweep import plan
+
+    monkeypatch.chdir(tmp_path)
+    runs = plan(compose("sweep", ["experiment=adroit-cpu", "device=cpu", "root=runs", "seeds=[0]",
+                                  "collect.expert.path=experts"]))
+    assert runs and all(r.dir.is_absolute() and r.dir.is_relative_to(tmp_path / "runs") for r in runs)
+    for r in runs:
+        paths = [r.cfg.get(k) for k in ("out", "ckpt")] + str(r.cfg.get("data") or "").split(",")
+        assert all(Path(p).is_absolute() for p in paths if p), (r.id, paths)
+    assert {r.cfg["expert"]["path"] for r in runs if r.command == "collect"} == {str(tmp_path / "experts")}
