@@ -85,3 +85,8 @@ def trajectory(actions: np.ndarray, starts, ret: float = 0.0, success: bool = Fa
     return Trajectory(obs={"state": obs}, actions=np.asarray(actions, np.float32),
                       chunk_starts=np.asarray(starts, np.int64),
                       ret=float(ret), success=bool(success))
+
+
+def chunk_log_probs(policy, sampler, obs: dict[str, torch.Tensor], chains: torch.Tensor) -> torch.Tensor:
+    """(B, S') log-probabilities of stored chains' trained steps under the current weights (encoder included)."""
+    return policy.chain_log_prob(policy.condition(obs), chains, sampler)

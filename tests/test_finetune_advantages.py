@@ -8,13 +8,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from finetune_kit import CPU, S, Ta, To, algo, const_obs, make_policy, params, random_obs, sample_rollout, trajectory
+from finetune_kit import (
+    CPU,
+    S,
+    Ta,
+    To,
+    algo,
+    chunk_log_probs,
+    const_obs,
+    make_policy,
+    params,
+    random_obs,
+    sample_rollout,
+    trajectory,
+)
 
 from sodp3d.errors import UserError
 from sodp3d.finetune.advantages import RunningReturnScale, gae, rollout_gae, standardise
 from sodp3d.finetune.critic import Critic
 from sodp3d.finetune.epochs import minibatches, steps_per_update
-from sodp3d.finetune.ppo import FineTuner, chunk_log_probs
+from sodp3d.finetune.ppo import FineTuner
 from sodp3d.finetune.rollouts import Rollout
 
 # ----------------------------------------------------------------------------- GAE
@@ -107,10 +120,11 @@ def test_a_critic_fitted_on_a_fixed_batch_lowers_its_value_loss(features):
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
 
-@pytest.mark.parametrize("reg", ["bc", "none"])
+@pytest.mark.parametrize("reg", ["bc", "none", "kl"])
 def test_the_critic_reads_the_policy_steps_features_without_another_encoder_pass(reg):
     # features=policy: each gradient step encodes its chunks once (the policy step's pass,
-    # which also encodes the BC windows), and the critic's value loss reads those features.
+    # which also encodes the BC windows; kl's term reads the same encoding), and the
+    # critic's value loss reads those features.
     policy = make_policy(0)
     ft = FineTuner(policy, algo(reg=reg, advantage="gae", p_step=3, reward_signal=False, gamma=0.9, gae_lambda=0.9,
                                 critic={"features": "policy", "hidden": 16, "layers": 1, "lr": 1e-3,

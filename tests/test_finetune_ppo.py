@@ -25,6 +25,7 @@ from finetune_kit import (
     Tp,
     algo,
     assert_same_params,
+    chunk_log_probs,
     const_obs,
     make_policy,
     mode_reward,
@@ -34,7 +35,7 @@ from finetune_kit import (
     trajectory,
 )
 
-from sodp3d.finetune.ppo import FineTuner, chunk_log_probs, ppo_loss
+from sodp3d.finetune.ppo import FineTuner, ppo_loss
 from sodp3d.finetune.rollouts import Rollout
 from sodp3d.policy import DiffusionPolicy
 

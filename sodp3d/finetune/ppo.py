@@ -48,7 +48,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sodp3d.diffusion import DDIMSampler
 from sodp3d.errors import UserError
 from sodp3d.policy import DiffusionPolicy
 from sodp3d.runs import adam_kwargs
@@ -61,12 +60,6 @@ from .regularisers import REGULARISERS
 from .rollouts import Rollout
 
 LOG_RATIO_CLAMP = 20.0  # |log rho| beyond this is numerically meaningless
-
-
-def chunk_log_probs(policy: DiffusionPolicy, sampler: DDIMSampler, obs: dict[str, torch.Tensor],
-                    chains: torch.Tensor) -> torch.Tensor:
-    """(B, S') log-probabilities of stored chains' trained steps under the current weights (encoder included)."""
-    return policy.chain_log_prob(policy.condition(obs), chains, sampler)
 
 
 def ppo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, weights: torch.Tensor, clip: float):
@@ -286,8 +279,8 @@ class FineTuner:
         else:
             cond = policy.condition(obs)
             new_logp = policy.chain_log_prob(cond, chains, self.sampler)
+            reg = self.regulariser.loss(obs, chains, rollout, cond)  # kl: the same encoding
             cond = cond.detach()
-            reg = self.regulariser.loss(obs, chains, rollout)
         loss_imp, stats = ppo_loss(new_logp, old_logp, weights, self.clip)
         loss = self.ppo_weight * loss_imp if reg is None else self.ppo_weight * loss_imp + self.reg_weight * reg
         if not torch.isfinite(loss):

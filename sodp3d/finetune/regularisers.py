@@ -36,7 +36,10 @@ class Regulariser:
     def __init__(self, finetuner: Any):
         self.ft = finetuner  # the FineTuner (sodp3d.finetune.ppo) that owns this regulariser
 
-    def loss(self, obs: dict[str, torch.Tensor], chains: torch.Tensor, rollout: Rollout) -> torch.Tensor | None:
+    def loss(self, obs: dict[str, torch.Tensor], chains: torch.Tensor, rollout: Rollout,
+             cond: torch.Tensor) -> torch.Tensor | None:
+        """``cond``: the chunks' condition (B, G) from the policy step's own encoder pass,
+        with its gradient (a regulariser on the chunks reads it instead of encoding again)."""
         batch = self.denoising_batch(obs, chains, rollout)
         return None if batch is None else self.ft.policy.compute_loss(batch, generator=self.ft.torch_gen)
 
@@ -69,7 +72,7 @@ class KLRegulariser(Regulariser):
 
     name = "kl"
 
-    def loss(self, obs, chains, rollout):
+    def loss(self, obs, chains, rollout, cond):
         ft = self.ft
         sampler = ft.sampler
         # The S' trained steps of every chain as one batch of B * S', for both models.
@@ -78,8 +81,7 @@ class KLRegulariser(Regulariser):
         x_t = chains[:, F:-1].reshape(B * S, *chains.shape[2:])
         t = torch.as_tensor(sampler.timesteps[F:], device=chains.device).repeat(B)
         t_prev = torch.as_tensor(sampler.prev_timesteps[F:], device=chains.device).repeat(B)
-        cond = ft.policy.condition(obs).repeat_interleave(S, dim=0)
-        mean, std = sampler.step_distribution(ft.policy.denoiser(cond), x_t, t, t_prev)
+        mean, std = sampler.step_distribution(ft.policy.denoiser(cond.repeat_interleave(S, dim=0)), x_t, t, t_prev)
         with torch.no_grad():
             ref_cond = ft.reference.condition(obs).repeat_interleave(S, dim=0)
             ref_mean, _ = sampler.step_distribution(ft.reference.denoiser(ref_cond), x_t, t, t_prev)
