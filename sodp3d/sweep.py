@@ -23,6 +23,7 @@ cluster. The sweep only schedules: no training logic lives here.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +118,15 @@ def _variant_encoder(name: str, settings: dict, base: dict[str, Any]) -> dict[st
     return {**own, **chosen, "name": enc_name}
 
 
+def sweep_dir(cfg: DictConfig) -> Path:
+    """<root>/<experiment>, absolute: every stage's paths (data, checkpoints, run dirs) then
+    name the same files from any Ray worker, whatever directory the worker starts in."""
+    return Path(str(cfg.root)).expanduser().absolute() / str(cfg.name)
+
+
 def plan(cfg: DictConfig) -> list[Run]:
     """Every run of the experiment, in an order where a run comes after the runs it needs."""
-    # Absolute, so that every stage's paths (data, checkpoints, run dirs, a policy file) name the
-    # same files from any Ray worker, whatever directory the worker starts in.
-    out = Path(str(cfg.root)).expanduser().absolute() / str(cfg.name)
+    out = sweep_dir(cfg)
     seeds = OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds
     seeds = [seeds] if isinstance(seeds, int) else list(seeds or [])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -445,7 +450,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("no experiment; pass experiment=<name> (see sodp3d sweep --help)")
     _positive("max_retries", cfg.max_retries, zero=True)
     runs = plan(cfg)  # every bad name or setting is found here, before anything is written
-    out = Path(str(cfg.root)) / str(cfg.name)
+    out = sweep_dir(cfg)
     counts = execute(cfg, runs, out)
     finished = [str(r.dir) for r in runs if r.command in ("finetune", "eval") and r.state == "done"]
     failed = [{"id": r.id, "error": r.error} for r in runs if r.state == "failed"]
@@ -453,10 +458,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if finished:
         rep = report.run(OmegaConf.create({"runs": finished, "out": str(out / "report"), "failed": failed,
                                            "control": cfg.get("control")}))
+        write_text_atomic(out / "report" / "report.md", rep["text"] + "\n" + stage_times(runs) + "\n")
         files += rep["files"]
     return {"kind": "sweep", "experiment": str(cfg.name), "out": str(out), "runs": len(runs),
             "done": sum(r.state == "done" for r in runs), "failed": failed, "skipped": counts["skipped"],
             "ran": counts["ran"], "files": files}
+
+
+def stage_times(runs: list[Run]) -> str:
+    """A markdown table of the wall-clock per stage: over the done runs of each command that
+    recorded their time, the median and range of a run's minutes, and their sum."""
+    lines = ["", "Wall-clock per stage (minutes per run; a run resumed after a stop counts its last "
+             "attempt only):", "", "| stage | runs | median | min - max | sum |", "|---|---:|---:|---:|---:|"]
+    for command in dict.fromkeys(r.command for r in runs):
+        minutes = [r.seconds / 60 for r in runs if r.command == command and r.state == "done" and r.seconds is not None]
+        if minutes:
+            lines.append(f"| {command} | {len(minutes)} | {statistics.median(minutes):.1f} | "
+                         f"{min(minutes):.1f} - {max(minutes):.1f} | {sum(minutes):.1f} |")
+    return "\n".join(lines)
 
 
 def render(record: dict[str, Any]) -> str:

@@ -47,6 +47,21 @@ def test_the_smoke_grid_runs_every_run_and_reports(smoke):
     assert sorted(p.name for p in (out / "data").iterdir()) == ["button-press-topdown-v3.zarr", "reach-v3.zarr"]
     report = (out / "report" / "report.md").read_text()
     assert "fine-tuned: bc" in report and "fine-tuned: none" in report and "(n=2)" in report
+    table = report[report.index("Wall-clock per stage"):]
+    assert [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| ") and "stage" not in line] \
+        == [[f" {c} ", f" {n} "] for c, n in STAGES.items()]
+
+
+def test_the_wall_clock_table_counts_the_done_runs_that_recorded_their_time():
+    from sodp3d.sweep import Run, stage_times
+
+    def run(command, seconds, state="done"):
+        return Run(f"{command}/x", command, Path("x"), {}, state=state, seconds=seconds)
+
+    text = stage_times([run("pretrain", 60.0), run("pretrain", 180.0), run("pretrain", 120.0),
+                        run("pretrain", 6000.0, state="failed"), run("finetune", None), run("finetune", 30.0)])
+    assert "| pretrain | 3 | 2.0 | 1.0 - 3.0 | 6.0 |" in text
+    assert "| finetune | 1 | 0.5 | 0.5 - 0.5 | 0.5 |" in text
 
 
 def test_a_finished_sweep_run_again_redoes_nothing(smoke, capsys):
