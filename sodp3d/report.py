@@ -29,24 +29,35 @@ from sodp3d.errors import UserError
 from sodp3d.files import write_text_atomic
 
 
-# The paper's success rates (%) where it reports them per task (SODP, ICML 2025), and its
-# averages over a whole task set (shown only when the report holds that whole set).
+# The paper's success rates (%) where it reports them per task (SODP, ICML 2025), with
+# DP3's as the paper quotes them; its averages over a whole task set, and its transfer
+# table (Table 3), shown only when the report holds exactly that task set.
 PAPER: dict[str, dict[str, float]] = {
     "paper: SODP": {"adroit-hammer": 67.0, "adroit-door": 96.0, "adroit-pen": 59.0},
     "paper: pre-trained only": {"adroit-hammer": 20.0, "adroit-door": 55.0, "adroit-pen": 28.0},
     "paper: fine-tuned without BC": {"adroit-hammer": 38.0, "adroit-door": 63.0, "adroit-pen": 30.0},
+    "paper: DP3": {"adroit-hammer": 100.0, "adroit-door": 62.0, "adroit-pen": 43.0},
 }
 PAPER_AVERAGES: dict[str, list[tuple[str, float]]] = {  # task set -> (column, average)
-    "mt10": [("paper: SODP", 47.5)],
-    "adroit": [("paper: SODP", 73.9), ("paper: pre-trained only", 34.3), ("paper: fine-tuned without BC", 43.7)],
+    "mt10": [("paper: SODP", 47.5), ("paper: DP3", 32.6)],
+    "adroit": [("paper: SODP", 73.9), ("paper: pre-trained only", 34.3), ("paper: fine-tuned without BC", 43.7),
+               ("paper: DP3", 68.3)],
+}
+TRANSFER_TARGETS = ("drawer-open-v3", "plate-slide-side-v3", "handle-pull-side-v3")  # the paper's v2 tasks
+PAPER_TRANSFER: dict[str, dict[str, float]] = {
+    "paper: MT10 pre-trained, unseen task": dict(zip(TRANSFER_TARGETS, (34.7, 55.3, 71.3))),
+    "paper: single-task pre-trained, unseen task": dict.fromkeys(TRANSFER_TARGETS, 0.0),
 }
 
 
 def _paper_columns(tasks: list[str]) -> dict[str, dict[str, float]]:
-    """The paper's numbers for these tasks: per task where it has them, and its average
-    where the tasks are exactly one of its task sets."""
+    """The paper's numbers for these tasks: per task where it has them, its average where
+    the tasks are exactly one of its task sets, its transfer table where they are exactly
+    its three unseen targets."""
     from sodp3d.envs import task_sets
 
+    if sorted(tasks) == sorted(TRANSFER_TARGETS):
+        return {name: dict(rates) for name, rates in PAPER_TRANSFER.items()}
     columns = {name: dict(rates) for name, rates in PAPER.items() if any(t in rates for t in tasks)}
     for set_name, averages in PAPER_AVERAGES.items():
         if sorted(tasks) == sorted(task_sets()[set_name]):
@@ -211,7 +222,8 @@ def markdown(summary: dict[str, Any], metrics: list[str], files: list[Path],
         lines.append(f"| {name} | " + " | ".join(ours + theirs) + " |")
     if paper:
         lines += ["", "The paper columns are its published success rates (1M fine-tuning steps per task, "
-                  "50 episodes x 3 seeds; averages over its whole task set); its Meta-World tasks are v2."]
+                  "50 episodes x 3 seeds; averages over its whole task set; DP3's as the paper quotes them); "
+                  "its Meta-World tasks are v2."]
     returns = summary.get("return_cells") or {}
     if any(returns.get(v) for v in variants):
         def ret(v: str, t: str) -> str:

@@ -144,17 +144,23 @@ def test_named_variants_and_the_papers_numbers_beside_ours(tmp_path):
     assert "pre-trained on pre (dp3, simple)" in header  # a sweep's run names what it was pre-trained on
     assert "unseen task" not in header  # no task of this report has that number
     door = next(line for line in lines if line.startswith("| adroit-door |"))
-    assert door.split("|")[2:-1][-3:] == [" 96.0 ", " 55.0 ", " 63.0 "]
+    assert door.split("|")[2:-1][-4:] == [" 96.0 ", " 55.0 ", " 63.0 ", " 62.0 "]
 
 
 def test_the_papers_averages_stand_only_beside_its_whole_task_sets():
     from sodp3d.envs import task_sets
     from sodp3d.report import _paper_columns
 
-    assert _paper_columns(task_sets()["mt10"]) == {"paper: SODP": {"average": 47.5}}
+    assert _paper_columns(task_sets()["mt10"]) == {"paper: SODP": {"average": 47.5}, "paper: DP3": {"average": 32.6}}
     assert _paper_columns(task_sets()["mt10"][:3]) == {}  # three of its tasks are not its MT10
     adroit = _paper_columns(task_sets()["adroit"])
     assert adroit["paper: SODP"]["average"] == 73.9 and adroit["paper: pre-trained only"]["adroit-door"] == 55.0
+    # Table 3 stands beside its three unseen targets only, not beside drawer-open within MT10.
+    transfer = _paper_columns(["handle-pull-side-v3", "drawer-open-v3", "plate-slide-side-v3"])
+    assert transfer["paper: MT10 pre-trained, unseen task"] == {
+        "drawer-open-v3": 34.7, "plate-slide-side-v3": 55.3, "handle-pull-side-v3": 71.3}
+    assert set(transfer["paper: single-task pre-trained, unseen task"].values()) == {0.0}
+    assert not any("unseen" in c for c in _paper_columns(["drawer-open-v3"]))
 
 
 def test_paired_differences_and_evaluation_curves(tmp_path):
