@@ -190,13 +190,17 @@ def _cells(entries: list[dict[str, Any]], variants: list[str], tasks: list[str],
         for t in tasks:
             vals = [s[t] for s in by_seed.values() if t in s]
             if vals:
-                m, sd = _mean_std(vals)
-                cells[v][t] = {"mean": m, "std": sd, "n": len(vals)}
-        complete = [np.mean([s[t] for t in tasks]) for s in by_seed.values() if all(t in s for t in tasks)]
+                cells[v][t] = _cell(vals)
+        complete = [float(np.mean([s[t] for t in tasks])) for s in by_seed.values() if all(t in s for t in tasks)]
         if complete:
-            m, sd = _mean_std([float(x) for x in complete])
-            cells[v]["average"] = {"mean": m, "std": sd, "n": len(complete)}
+            cells[v]["average"] = _cell(complete)
     return cells
+
+
+def _cell(vals: list[float]) -> dict[str, Any]:
+    """Mean, std and n of one cell's per-seed values, and how many are above zero."""
+    m, sd = _mean_std(vals)
+    return {"mean": m, "std": sd, "n": len(vals), "positive": sum(x > 0 for x in vals)}
 
 
 def markdown(summary: dict[str, Any], metrics: list[str], files: list[Path],
@@ -310,22 +314,12 @@ def paired(entries: list[dict[str, Any]], tasks: list[str], control: str) -> dic
 
 def gains(entries: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per fine-tuned variant and task: what fine-tuning changed, the run's final success
-    minus its own evaluation before the first update (same model, same reset seeds), mean
-    ± std across seeds; ``average`` averages the tasks within each seed first."""
-    by: dict[str, dict[int, dict[str, float]]] = {}
-    for e in entries:
-        if e["variant"].startswith("fine-tuned") and e.get("start") is not None:
-            by.setdefault(e["variant"], {}).setdefault(e["seed"], {})[e["task"]] = float(e["success"]) - e["start"]
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for v, seeds in by.items():
-        out[v] = {}
-        for t in [*tasks, "average"]:
-            vals = ([float(np.mean([r[x] for x in tasks])) for r in seeds.values() if all(x in r for x in tasks)]
-                    if t == "average" else [r[t] for r in seeds.values() if t in r])
-            if vals:
-                m, sd = _mean_std(vals)
-                out[v][t] = {"mean": m, "std": sd, "n": len(vals), "positive": sum(x > 0 for x in vals)}
-    return out
+    minus its own evaluation before the first update (same model, same reset seeds), as
+    ``_cells`` gives it (mean ± std across seeds, the average over tasks within each seed)."""
+    changed = [{**e, "gain": e["success"] - e["start"]} for e in entries
+               if e["variant"].startswith("fine-tuned") and e.get("start") is not None]
+    variants = list(dict.fromkeys(e["variant"] for e in changed))
+    return _cells(changed, variants, tasks, "gain") if changed else {}
 
 
 def gains_markdown(g: dict[str, dict[str, dict[str, Any]]], tasks: list[str]) -> list[str]:
@@ -356,8 +350,9 @@ def paired_markdown(p: dict[str, Any]) -> list[str]:
     return lines
 
 
-def run(cfg) -> dict[str, Any]:
-    """Gathers the runs into report.md / report.json and plots; returns the record."""
+def run(cfg, appendix: str = "") -> dict[str, Any]:
+    """Gathers the runs into report.md / report.json and plots; returns the record.
+    ``appendix``: markdown the caller adds at the end of report.md (a sweep's wall-clock)."""
     from omegaconf import OmegaConf
 
     from sodp3d.plots import RATE, bars, curve_grid
@@ -381,6 +376,8 @@ def run(cfg) -> dict[str, Any]:
     pairs = paired(entries, summary["tasks"], str(cfg.control)) if cfg.get("control") else None
     if pairs:
         text += "\n" + "\n".join(paired_markdown(pairs))
+    if appendix:
+        text += "\n" + appendix
     written = [str(write_text_atomic(out / "report.md", text + "\n")),
                str(write_text_atomic(out / "report.json", json.dumps(
                    {"metrics": metrics, "runs": [str(f) for f in files], "failed": failed, "gains": gain, "paired": pairs,

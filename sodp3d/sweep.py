@@ -457,8 +457,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     files: list[str] = [str(out / "sweep.json")]
     if finished:
         rep = report.run(OmegaConf.create({"runs": finished, "out": str(out / "report"), "failed": failed,
-                                           "control": cfg.get("control")}))
-        write_text_atomic(out / "report" / "report.md", rep["text"] + "\n" + stage_times(runs) + "\n")
+                                           "control": cfg.get("control")}), appendix=stage_times(runs))
         files += rep["files"]
     return {"kind": "sweep", "experiment": str(cfg.name), "out": str(out), "runs": len(runs),
             "done": sum(r.state == "done" for r in runs), "failed": failed, "skipped": counts["skipped"],
