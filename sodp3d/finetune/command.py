@@ -158,7 +158,9 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
             bar.set_postfix(success=f"{entry['success_rate']:.2f}", kl=f"{entry['approx_kl']:.1e}",
                             clip=f"{entry['clip_fraction']:.2f}")
             every = int(cfg.eval.every_env_steps)
-            if int(cfg.eval.episodes) > 0 and every > 0 and state["env_steps"] - last_eval >= every:
+            # The last update's model is the final evaluation's, on the same resets: no periodic one there.
+            if (int(cfg.eval.episodes) > 0 and every > 0 and state["env_steps"] - last_eval >= every
+                    and state["env_steps"] < budget):
                 run_eval("periodic")
                 last_eval = state["env_steps"]
             save()
