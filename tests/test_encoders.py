@@ -94,7 +94,9 @@ def test_output_depends_on_each_key_per_sample(name):
         changed[key][0] = make_obs(seed=7)[key][0]
         out = enc(changed)
         assert not torch.allclose(out[0], base[0], atol=1e-4), key
-        torch.testing.assert_close(out[1:], base[1:], rtol=0, atol=0)
+        # Rows 1.. equal up to rounding: with gradients on, DP3 recomputes the winning points
+        # in one multiply whose size depends on sample 0's winners (other blocking, ~1 ulp).
+        torch.testing.assert_close(out[1:], base[1:], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", POINT_ENCODERS)

@@ -114,18 +114,21 @@ def test_first_update_has_ratio_one():
         new = chunk_log_probs(policy, ft.sampler, ro.obs, ro.chains)
         # a minibatch (other batch size) gives the same values
         sub = chunk_log_probs(policy, ft.sampler, {k: v[5:13] for k, v in ro.obs.items()}, ro.chains[5:13])
-    torch.testing.assert_close(new, ro.old_logp, atol=1e-5, rtol=0)
-    torch.testing.assert_close(sub, ro.old_logp[5:13], atol=1e-5, rtol=0)
+    # Sampling ran the U-Net on 32 rows per step, these on 320 and 80: other kernels and
+    # reduction orders, so the same chain's log-probs agree to rounding (~1e-6, up to 30x
+    # that through the floored std), not bit for bit; a ratio off by a real change is >= 1e-2.
+    torch.testing.assert_close(new, ro.old_logp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sub, ro.old_logp[5:13], atol=1e-4, rtol=0)
     _, stats = ppo_loss(new, ro.old_logp, ft.weights(ro.reward), ft.clip)
-    assert abs(stats["approx_kl"]) < 1e-8
+    assert abs(stats["approx_kl"]) < 1e-6  # (r - 1) - log r of ratios 1 +- 1e-4: at most 5e-9 each, plus fp32's exp
     assert stats["clip_fraction"] == 0
-    assert abs(stats["ratio_min"] - 1) < 1e-5 and abs(stats["ratio_max"] - 1) < 1e-5
+    assert abs(stats["ratio_min"] - 1) < 1e-4 and abs(stats["ratio_max"] - 1) < 1e-4
 
     # Through update(): one gradient step, whose statistics are taken before the step.
     first = ft.update(ro, episodes=1)
     assert first["gradient_steps"] == 1
-    assert abs(first["approx_kl"]) < 1e-8 and first["clip_fraction"] == 0
-    assert abs(first["ratio_min"] - 1) < 1e-5 and abs(first["ratio_max"] - 1) < 1e-5
+    assert abs(first["approx_kl"]) < 1e-6 and first["clip_fraction"] == 0
+    assert abs(first["ratio_min"] - 1) < 1e-4 and abs(first["ratio_max"] - 1) < 1e-4
     # ... and the ratios are recomputed: after that step they move away from 1.
     second = ft.update(ro, episodes=1)
     assert second["ratio_max"] - second["ratio_min"] > 1e-4, second
@@ -283,9 +286,15 @@ def test_one_pass_for_the_ppo_and_bc_terms_equals_two(encoder, reg):
 
     logp_1, loss_1, grads_1 = run(shared=True)
     logp_2, loss_2, grads_2 = run(shared=False)
-    torch.testing.assert_close(logp_1, logp_2)
-    torch.testing.assert_close(loss_1, loss_2)
+    # One pass runs the U-Net on 57 rows, the other on 50 and 7: other kernels and reduction
+    # orders. Log-probs agree to rounding amplified by the floored std (see test_policy); a
+    # gradient entry's rounding is bounded by the terms it sums, not by the entry, so the
+    # bound is relative to the largest gradient entry of the model. A term missing from one
+    # pass changes them by order 1.
+    torch.testing.assert_close(logp_1, logp_2, atol=1e-4, rtol=0)
+    torch.testing.assert_close(loss_1, loss_2, atol=0, rtol=1e-5)
     assert grads_1.keys() == grads_2.keys()
+    scale = max(float(g.abs().max()) for g in grads_2.values())
     for name in grads_2:
-        torch.testing.assert_close(grads_1[name], grads_2[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_1[name], grads_2[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
 

@@ -24,6 +24,8 @@ from sodp3d.unet import preset_names
 
 POLICY_CASES = [(enc, preset) for enc in encoder_names() for preset in ("tiny", "simple")] + [("dp3", "paper")]
 
+LOGP_TOL = 1e-4  # log-probs of one chain from batches of other sizes (see its use)
+
 
 def test_policy_cases_cover_every_encoder_and_preset():
     assert {e for e, _ in POLICY_CASES} == set(ENCODERS) == set(encoder_names())
@@ -96,19 +98,24 @@ def test_policy_loss_gradients_actions_and_chain(encoder, preset):
     with torch.no_grad():
         model_fn = lambda x, k: policy.model(x, k, cond)  # noqa: E731
         ref = sampler.log_prob(model_fn, chain)
-        torch.testing.assert_close(log_prob.detach(), ref, atol=1e-5, rtol=1e-5)
+        # chain_log_prob runs the U-Net once on B x S rows, the references on B rows: other
+        # kernels and reduction orders (a batch of 1 takes another convolution path than 2).
+        # Rounding of ~1e-6 in the predicted mean moves a log-prob by up to |z| / std <= 30
+        # times that (noise clamped to 3, std floored at 0.1); a wrong step, timestep or
+        # condition moves it by 1e-2 or more.
+        torch.testing.assert_close(log_prob.detach(), ref, atol=LOGP_TOL, rtol=0)
         # and by hand: each step's Gaussian, averaged over the Tp * Da entries
         manual = []
         for i, (t, t_prev) in enumerate(zip(sampler.timesteps, sampler.prev_timesteps)):
             mean, std = sampler.step_distribution(model_fn, chain[:, i], t, t_prev)
             assert (std >= 0.1 - 1e-7).all()
             manual.append(torch.distributions.Normal(mean, std).log_prob(chain[:, i + 1]).mean(dim=(1, 2)))
-        torch.testing.assert_close(log_prob.detach(), torch.stack(manual, 1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(log_prob.detach(), torch.stack(manual, 1), atol=LOGP_TOL, rtol=0)
         # the chain is the one the sampler draws from the same noise, with the same log-probs
         x_s, chain_s, lp_s = sampler.sample(model_fn, (B, Tp, Da), generator=torch.Generator().manual_seed(4),
                                             return_chain=True, return_log_prob=True)
         torch.testing.assert_close(chain_s, chain)
-        torch.testing.assert_close(lp_s, log_prob.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lp_s, log_prob.detach(), atol=LOGP_TOL, rtol=0)
 
     # the log-probs carry gradients into the denoiser (for fine-tuning)
     if preset != "paper":
