@@ -28,24 +28,63 @@ FORMAT = "sodp3d-policy"
 VERSION = 1
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+class _Sink:
+    """A file whose write failures are kept: torch.save reports them as a RuntimeError
+    that no longer says what the operating system said (a full disk, say)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any], last_good: str | None = None) -> None:
+    """Writes ``payload`` to ``path`` atomically. A write that fails with an operating-system
+    error (no space left on device, ...) leaves no partial file and is a UserError of one
+    line: the path, the cause, and what is intact (``last_good``, e.g. "step 400", names
+    the checkpoint already at ``path``)."""
+    from sodp3d.files import write_failed
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_failed(path, e, _intact(path, last_good)) from None
+    sink = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            sink = _Sink(f)
+            torch.save(payload, sink)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else (sink.error if sink is not None else None)
+        if cause is not None and isinstance(e, (OSError, RuntimeError)):
+            raise write_failed(path, cause, _intact(path, last_good)) from None
         raise
     # A writer killed mid-save leaves its temporary file behind; the new checkpoint
     # supersedes it (one writer per run directory).
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+def _intact(path: Path, last_good: str | None) -> str:
+    if not path.exists():
+        return "no checkpoint was written before"
+    return f"the last good checkpoint, {last_good}, is {path}" if last_good else f"the last good checkpoint is {path}"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.config import stage_config
 from sodp3d.errors import UserError
 from sodp3d.files import write_text_atomic
+from sodp3d.locks import writer_lock
 from sodp3d.runs import refuse_existing, resolve_device, results_table, write_config, write_results
 
 
@@ -39,13 +40,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs the four stages; returns the record (also ``results.json``). A user error before
     any data exists leaves no run directory."""
     run = demo_paths(cfg)["run"]
-    fresh = not run.exists()
-    try:
-        return _demo(cfg)
-    except UserError:
-        if fresh and run.exists() and not demo_paths(cfg)["data"].exists():
-            shutil.rmtree(run)
-        raise
+    with writer_lock(run, "sodp3d demo"):
+        fresh = not run.exists()
+        try:
+            return _demo(cfg)
+        except UserError:
+            if fresh and run.exists() and not demo_paths(cfg)["data"].exists():
+                shutil.rmtree(run)
+            raise
 
 
 def _demo(cfg: DictConfig) -> dict[str, Any]:

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from sodp3d.errors import UserError
+
+# Operating-system errors that mean "this write cannot be done here": each becomes one line.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
+
+
+def is_write_failure(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in WRITE_ERRNOS
+
+
+def write_failed(path: str | Path, error: OSError, intact: str) -> UserError:
+    """The one line for a failed write: the path, the cause as the system says it ("no space
+    left on device"), and what is intact."""
+    cause = os.strerror(error.errno).lower() if error.errno else (str(error) or type(error).__name__)
+    return UserError(f"could not write {path}: {cause}; {intact}")
 
 
 @contextmanager
@@ -23,6 +41,12 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
+    """``text`` into ``path`` atomically; a failed write (a full disk, ...) leaves the previous
+    file, or none, and is one line (``write_failed``)."""
+    existed = Path(path).exists()
+    try:
+        with atomic_write(path) as tmp:
+            tmp.write_text(text)
+    except OSError as e:
+        raise write_failed(path, e, "its previous version is intact" if existed else "nothing was written there") from None
     return Path(path)

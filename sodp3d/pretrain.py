@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from sodp3d.checkpoint import load_checkpoint, save_checkpoint
 from sodp3d import distributed
 from sodp3d.data.windows import WindowDataset
 from sodp3d.errors import UserError
+from sodp3d.files import is_write_failure, write_failed
+from sodp3d.locks import writer_lock
 from sodp3d.normalizer import MinMaxNormalizer
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
 from sodp3d.runs import RunLogger, adam_kwargs, keep_host_memory, refuse_existing, resolve_device, write_config, write_results
@@ -113,6 +116,28 @@ def lr_lambda(warmup: int, total: int):
     return fn
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def optimizer_name(o: DictConfig) -> str:
+    name = str(o.get("name", "adamw"))
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown optim.name={name}; valid: {', '.join(OPTIMIZERS)}")
+    return name
+
+
+def make_optimizer(params, o: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (the paper's), or SGD with momentum: its step is linear in the gradients, so two
+    runs whose gradients differ only by floating-point rounding stay as close as their
+    gradients (Adam divides by the root of the squared gradient, and turns a rounding
+    difference in a near-zero gradient into an lr-sized step)."""
+    if optimizer_name(o) == "sgd":
+        return torch.optim.SGD(params, lr=float(o.lr), momentum=float(o.get("momentum", 0.9)),
+                               weight_decay=float(o.weight_decay))
+    return torch.optim.AdamW(params, lr=float(o.lr), betas=tuple(o.betas), weight_decay=float(o.weight_decay),
+                             **adam_kwargs(device))
+
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -139,10 +164,7 @@ class Trainer:
         self.ranks = ranks
         self.loss_fn = distributed.loss_module(ranks, self.policy, device)
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            policy.parameters(), lr=float(o.lr), betas=tuple(o.betas), weight_decay=float(o.weight_decay),
-            **adam_kwargs(device),
-        )
+        self.optimizer = make_optimizer(policy.parameters(), o, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(int(o.warmup_steps), int(cfg.steps)))
         self.ema = torch.optim.swa_utils.AveragedModel(
             policy, multi_avg_fn=ema_multi_avg_fn(float(cfg.ema.power), float(cfg.ema.max_decay)), use_buffers=True
@@ -311,6 +333,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if steps <= 0 or int(cfg.batch_size) <= 0:
         raise UserError(f"steps and batch_size must be positive, got steps={cfg.steps}, batch_size={cfg.batch_size}")
     precision(cfg)  # a bad value is refused before anything is written
+    optimizer_name(cfg.optim)
     val_ratio = float(cfg.get("val_ratio", 0.0) or 0.0)
     if not 0.0 <= val_ratio < 1.0:
         raise UserError(f"val_ratio is the share of each task's episodes held out for validation, in [0, 1); got {val_ratio}")
@@ -318,12 +341,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"val_every and val_windows must be positive, got {cfg.get('val_every')}, {cfg.get('val_windows')}")
     ranks = distributed.ranks_from_env()
     ranks.rows(int(cfg.batch_size))  # a batch that does not split is refused before anything starts
-    device = distributed.start(ranks, resolve_device(str(cfg.device)))
-    keep_host_memory()
-    try:
-        return _run(cfg, paths, run, steps, val_ratio, device, ranks)
-    finally:
-        distributed.stop(ranks)
+    # Rank 0 holds the run directory's writer lock for all ranks (the others write nothing);
+    # when it is refused it exits, and the launcher stops the others.
+    with writer_lock(run, "sodp3d pretrain") if ranks.main else nullcontext():
+        device = distributed.start(ranks, resolve_device(str(cfg.device)))
+        keep_host_memory()
+        try:
+            return _run(cfg, paths, run, steps, val_ratio, device, ranks)
+        finally:
+            distributed.stop(ranks)
 
 
 def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, val_ratio: float, device: torch.device,
@@ -396,11 +422,15 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, val_ratio: fl
             f.write(json.dumps(entry) + "\n")
         logger.log({"eval/success_rate": entry["average"]}, trainer.step)
 
+    saved = {"at": f"step {trainer.step}" if payload is not None else None}
+
     def checkpoint() -> None:
         if not ranks.main:
             return
         save_checkpoint(ckpt, {"policy_config": config.to_dict(), "train_config": OmegaConf.to_container(cfg, resolve=True),
-                               "data": paths, "cloud_frame": cloud_frame, "val": val_record(), **trainer.state()})
+                               "data": paths, "cloud_frame": cloud_frame, "val": val_record(), **trainer.state()},
+                        last_good=saved["at"])
+        saved["at"] = f"step {trainer.step}"
 
     def val_record() -> dict[str, Any]:
         return {"ratio": val_ratio, "held_out": held, "windows": validator.n_windows if validator else 0,
@@ -439,6 +469,11 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, val_ratio: fl
     except KeyboardInterrupt:
         checkpoint()
         raise
+    except OSError as e:  # a log line, an evaluation's record or another file could not be written
+        if not is_write_failure(e):
+            raise
+        intact = f"the last good checkpoint, {saved['at']}, is {ckpt}" if saved["at"] else "no checkpoint was written"
+        raise write_failed(e.filename or run, e, intact) from None
     finally:
         bar.close()
         logger.close()

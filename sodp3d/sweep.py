@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.config import config_dir, group_options, stage_config
 from sodp3d.errors import UserError
 from sodp3d.files import write_text_atomic
+from sodp3d.locks import writer_lock
 
 STAGES = ("collect", "pretrain", "finetune", "eval")  # the commands a sweep schedules (sodp3d.cli.COMMANDS)
 STATES = ("done", "running", "failed", "pending")
@@ -443,14 +444,20 @@ def execute(cfg: DictConfig, runs: list[Run], out: Path) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------
 # The command
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Plans the experiment's grid, runs what is not done on Ray, and reports."""
-    from sodp3d import report
-
+    """Plans the experiment's grid, runs what is not done on Ray, and reports (holding the
+    root's writer lock: a second sweep of the same experiment is refused)."""
     if cfg.get("name") is None:
         raise UserError("no experiment; pass experiment=<name> (see sodp3d sweep --help)")
     _positive("max_retries", cfg.max_retries, zero=True)
     runs = plan(cfg)  # every bad name or setting is found here, before anything is written
     out = sweep_dir(cfg)
+    with writer_lock(out, "sodp3d sweep"):
+        return _run_locked(cfg, runs, out)
+
+
+def _run_locked(cfg: DictConfig, runs: list[Run], out: Path) -> dict[str, Any]:
+    from sodp3d import report
+
     counts = execute(cfg, runs, out)
     finished = [str(r.dir) for r in runs if r.command in ("finetune", "eval") and r.state == "done"]
     failed = [{"id": r.id, "error": r.error} for r in runs if r.state == "failed"]

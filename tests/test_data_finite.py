@@ -78,11 +78,17 @@ def test_only_the_first_bad_value_is_named_and_unread_keys_do_not_count(tmp_path
         WindowDataset([str(path)], KEYS, 4, 2, 2)
 
 
-def test_uncommitted_rows_are_not_checked(tmp_path):
-    """Rows past the last commit (a killed append) are not part of the dataset."""
+def test_uncommitted_rows_are_dropped_before_anything_reads_them(tmp_path):
+    """Rows past the last commit (a killed append) are not part of the dataset: a reader
+    refuses the store until the collection's writer drops them, and then it opens clean."""
+    from sodp3d.data.store import EpisodeWriter
+
     path = write_clean(tmp_path / "data.zarr")
     root = zarr.open_group(str(path), mode="r+")
     root["data/action"].append(np.full((5, 4), np.nan, np.float32))
+    with pytest.raises(UserError, match="5 frames lie past its last committed episode"):
+        WindowDataset([str(path)], KEYS, 4, 2, 2)
+    assert EpisodeWriter.open(path).dropped_frames == 5
     assert EpisodeDataset(path).n_steps == sum(LENGTHS)
     WindowDataset([str(path)], KEYS, 4, 2, 2)
 

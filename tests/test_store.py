@@ -172,6 +172,46 @@ def test_inspect_path_and_opening_other_things(tmp_path):
         EpisodeWriter.open(path)
 
 
+def test_a_store_that_is_not_whole_is_refused_in_one_line(tmp_path):
+    """Readers check episode ends, array lengths and per-episode records; writers refuse a
+    committed part that is not whole instead of cutting it."""
+    def broken(name: str, edit) -> Path:
+        path = tmp_path / name
+        write_store(path)
+        edit(zarr.open_group(str(path), mode="r+"))
+        return path
+
+    def decreasing(root):
+        ends = root["meta/episode_ends"]
+        ends[:] = np.asarray(ends[:])[[1, 0, 2]]
+
+    cases = {
+        "decreasing": (decreasing, "meta/episode_ends is not strictly increasing"),
+        "short-array": (lambda root: root["data/action"].resize((100, 4)), "data/action is shorter than its 132"),
+        "short-record": (lambda root: root["meta/episode_success"].resize((1,)),
+                         "meta/episode_success is shorter than its 3 episodes"),
+        "uncounted-ends": (lambda root: root.attrs.update(n_episodes=4), "holds 3 entries but the dataset commits 4"),
+    }
+    for name, (edit, message) in cases.items():
+        path = broken(f"{name}.zarr", edit)
+        with pytest.raises(UserError, match=message) as e:
+            EpisodeDataset(path)
+        assert "\n" not in str(e.value) and str(path) in str(e.value)
+        with pytest.raises(UserError, match=message):
+            EpisodeWriter.open(path)  # nothing is cut from a store that is corrupt, not cut short
+
+    # Frames past the last committed episode: what two writers left (420 frames, ends up to 360).
+    path = broken("tail.zarr", lambda root: root["data/action"].append(np.zeros((5, 4), np.float32)))
+    with pytest.raises(UserError, match=r"5 frames lie past its last committed episode \(step 132\)"):
+        EpisodeDataset(path)
+    # A DP3-layout store with steps past its last episode end.
+    dp3 = tmp_path / "dp3.zarr"
+    make_dp3_store(dp3, 3)
+    zarr.open_group(str(dp3), mode="r+")["data/action"].append(np.zeros((2, 4), np.float32))
+    with pytest.raises(UserError, match=r"2 steps past the last of meta/episode_ends \(19\)"):
+        EpisodeDataset(dp3)
+
+
 # --------------------------------------------------------------------------------------
 # 2. the store: crash safety
 
@@ -200,13 +240,17 @@ def test_kill_mid_append_loses_only_that_episode(tmp_path, grown):
     lengths = raw_lengths(path)
     assert lengths["data/point_cloud"] == 127 + 11 and lengths["meta/episode_ends"] == 3  # really half-written
 
-    d = EpisodeDataset(path)
-    assert d.n_episodes == 2 and d.n_steps == 127
-    assert_same(snapshot(path), committed)
-    assert d.summary()[0]["episodes"] == 1 and d.summary()[1]["episodes"] == 1
+    # A reader refuses the store in one line that says what to do; nothing is changed.
+    with pytest.raises(UserError, match=r"11 frames lie past its last committed episode \(step 127\).*"
+                                        r"run the same sodp3d collect command again"):
+        EpisodeDataset(path)
+    assert raw_lengths(path) == lengths
 
     w = EpisodeWriter.open(path)  # repairs: every array back to the committed length
-    assert w.n_episodes == 2
+    assert w.n_episodes == 2 and w.dropped_frames == 11
+    d = EpisodeDataset(path)
+    assert d.n_episodes == 2 and d.n_steps == 127
+    assert d.summary()[0]["episodes"] == 1 and d.summary()[1]["episodes"] == 1
     lengths = raw_lengths(path)
     assert {lengths[f"data/{k}"] for k in STEP_KEYS} == {127}
     assert {v for k, v in lengths.items() if k.startswith("meta/")} == {2}
@@ -227,9 +271,11 @@ def test_kill_during_the_first_episode_can_resume(tmp_path):
     ep = make_episode(0, 7, success_at=4)
     arr = root["data"].create_array("point_cloud", shape=(0, 16, 3), chunks=(100, 16, 3), dtype="float32")
     arr.append(ep["point_cloud"])
-    assert EpisodeDataset(path).n_episodes == 0
+    with pytest.raises(UserError, match="7 frames lie past its last committed episode"):
+        EpisodeDataset(path)
 
     w = EpisodeWriter.open(path)
+    assert w.dropped_frames == 7 and EpisodeDataset(path).n_episodes == 0
     w.append_episode(ep, "reach-v3", episode_meta(ep, "noisy", 0.25))
     d = EpisodeDataset(path)
     assert d.n_episodes == 1

@@ -21,8 +21,11 @@ Data are chunked by 100 steps and compressed with Blosc zstd.
 
 Crash safety: an episode is appended array by array and then *committed* by writing
 ``n_episodes`` into the root attributes (one file, written atomically by zarr's local
-store). Readers only see committed episodes; an appender first cuts every array back
-to the committed length. A kill therefore loses at most the episode in progress.
+store). An appender first cuts every array back to the committed length (and says how
+many frames it dropped), so a kill loses at most the episode in progress. Readers check
+that a store is whole (``check_whole``): episode ends strictly increasing, every data
+array as long as the last end, one per-episode record per episode; a store cut inside an
+episode is refused in one line that says to run the collection again.
 
 Readers can find the first NaN or infinite value of an array (``first_non_finite``,
 ``EpisodeDataset.refuse_non_finite``: a UserError naming the array, episode and step),
@@ -105,9 +108,10 @@ def first_non_finite(array: Any, n_rows: int) -> tuple[int, float] | None:
 class EpisodeWriter:
     """Appends whole episodes to a dataset of our layout, committing each one."""
 
-    def __init__(self, root: zarr.Group):
+    def __init__(self, root: zarr.Group, path: str | Path = "the dataset"):
         self.root = root
-        self._repair()
+        self.path = str(path)
+        self.dropped_frames = self._repair()  # of an episode cut before its commit
 
     # -- creation / opening ----------------------------------------------------------
     @classmethod
@@ -118,7 +122,7 @@ class EpisodeWriter:
         meta.create_array("episode_ends", shape=(0,), chunks=(4096,), dtype="int64")
         meta.create_array("episode_task", shape=(0,), chunks=(4096,), dtype=str)
         root.attrs.update(_jsonable({**attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "n_episodes": 0}))
-        return cls(root)
+        return cls(root, path)
 
     @classmethod
     def open(cls, path: str | Path) -> "EpisodeWriter":
@@ -129,7 +133,7 @@ class EpisodeWriter:
         version = root.attrs.get("format_version")
         if version != FORMAT_VERSION:
             raise UserError(f"{path} is a sodp3d dataset of format version {version}; this sodp3d writes {FORMAT_VERSION}")
-        return cls(root)
+        return cls(root, path)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -146,23 +150,31 @@ class EpisodeWriter:
     def episode_tasks(self) -> list[str]:
         return [str(t) for t in self.root["meta/episode_task"][: self.n_episodes]]
 
-    def _repair(self) -> None:
-        """Cut every array back to the last committed episode."""
+    def _repair(self) -> int:
+        """Cut every array back to the last committed episode; returns how many frames
+        (steps) of an uncommitted episode it dropped. A store whose committed part is not
+        whole (see ``check_whole``) is refused: nothing is cut."""
         n = self.n_episodes
         meta = self.root["meta"]
-        ends = meta["episode_ends"]
+        ends = np.asarray(meta["episode_ends"][:], dtype=np.int64)
+        if ends.size < n or (n and (np.any(np.diff(ends[:n]) <= 0) or ends[0] <= 0)):
+            check_whole(self.root, "sodp3d", self.path)  # raises, naming what is wrong
         steps = int(ends[n - 1]) if n > 0 else 0
+        data = self.root["data"]
+        _refuse_short(self.root, n, steps, self.path)
+        dropped = 0
         for name in list(meta.array_keys()):
             if meta[name].shape[0] != n:
                 meta[name].resize((n,))
-        data = self.root["data"]
         for key in list(data.array_keys()):
+            dropped = max(dropped, int(data[key].shape[0]) - steps)
             if n == 0:  # a first episode that never committed may have made only some arrays
                 del data[key]
                 continue
             arr = data[key]
             if arr.shape[0] != steps:
                 arr.resize((steps,) + arr.shape[1:])
+        return dropped
 
     # -- appending ---------------------------------------------------------------------
     def append_episode(self, episode: dict[str, np.ndarray], task: str, info: dict[str, Any] | None = None) -> None:
@@ -186,7 +198,10 @@ class EpisodeWriter:
         try:
             self._write(values, existing, task, info or {}, steps)
         except BaseException:
-            self._repair()  # nothing of this episode stays; the commit never happened
+            try:
+                self._repair()  # nothing of this episode stays; the commit never happened
+            except OSError:
+                pass  # (a full disk, say) the uncommitted tail stays, and the next writer drops it
             raise
 
     def _write(self, values: dict[str, np.ndarray], existing: set, task: str, info: dict[str, Any], steps: int) -> None:
@@ -277,6 +292,49 @@ def _not_ours(path: str | Path, kind: str) -> str:
     return f"{path} exists and is not a sodp3d dataset (no '{FORMAT}' format attribute); choose another path"
 
 
+def _refuse_short(root: zarr.Group, n: int, steps: int, path: str | Path) -> dict[str, int]:
+    """The stored lengths of the data (steps) and per-episode (episodes) arrays; a UserError
+    when one is shorter than the ``n`` committed episodes of ``steps`` steps need."""
+    meta, data = root["meta"], root["data"]
+    lengths = {f"data/{k}": int(data[k].shape[0]) for k in data.array_keys()}
+    lengths.update({f"meta/{k}": int(meta[k].shape[0]) for k in meta.array_keys() if k != "episode_ends"})
+    short = sorted(k for k, v in lengths.items() if v < (steps if k.startswith("data/") else n))
+    if short:
+        what = f"{steps} steps" if short[0].startswith("data/") else f"{n} episodes"
+        raise UserError(f"{path}: {', '.join(short)} {'is' if len(short) == 1 else 'are'} shorter than its {what}; "
+                        "the dataset is corrupt")
+    return lengths
+
+
+def check_whole(root: zarr.Group, layout: str, path: str | Path) -> np.ndarray:
+    """The committed episode ends of a store, after checking that the store is whole: the
+    ends strictly increasing, every data array exactly as long as the last end, and every
+    per-episode array (``meta/episode_*``) one entry per episode. A store that is not is a
+    UserError saying what is wrong; one cut inside an episode (a collection killed, or
+    still running) says that ``collect`` drops the incomplete tail."""
+    meta, data = root["meta"], root["data"]
+    stored = np.asarray(meta["episode_ends"][:], dtype=np.int64)
+    n = int(root.attrs.get("n_episodes", 0)) if layout == "sodp3d" else int(stored.size)
+    if stored.size < n:
+        raise UserError(f"{path}: meta/episode_ends holds {stored.size} entries but the dataset commits {n} "
+                        "episodes; the dataset is corrupt")
+    ends = stored[:n]
+    if ends.size and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
+        raise UserError(f"{path}: meta/episode_ends is not strictly increasing; the dataset is corrupt")
+    steps = int(ends[-1]) if ends.size else 0
+    lengths = _refuse_short(root, n, steps, path)
+    extra_steps = max([v - steps for k, v in lengths.items() if k.startswith("data/")] + [0])
+    extra_episodes = max([v - n for k, v in lengths.items() if k.startswith("meta/")] + [int(stored.size) - n])
+    if extra_steps or extra_episodes:
+        if layout != "sodp3d":
+            raise UserError(f"{path}: its arrays hold {extra_steps} steps past the last of meta/episode_ends "
+                            f"({steps}); the dataset is not whole")
+        raise UserError(f"{path}: {extra_steps} frames lie past its last committed episode (step {steps}): an "
+                        "episode was cut before its commit, by a collection that was killed or is still running; "
+                        "run the same sodp3d collect command again to drop them (or finish it)")
+    return ends
+
+
 class EpisodeDataset:
     """Read-only view of the committed episodes of a dataset (ours or DP3's)."""
 
@@ -289,12 +347,6 @@ class EpisodeDataset:
                                "not a sodp3d or DP3 dataset (expected data/ and meta/episode_ends)")
             )
         self.root = zarr.open_group(self.path, mode="r")
-        ends = np.asarray(self.root["meta/episode_ends"][:], dtype=np.int64)
-        if self.layout == "sodp3d":
-            ends = ends[: int(self.root.attrs.get("n_episodes", 0))]
-        if ends.size and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
-            raise UserError(f"{path}: meta/episode_ends is not strictly increasing; the dataset is corrupt")
-        self.episode_ends = ends
         data = self.root["data"]
         self._arrays: dict[str, Any] = {}
         names = set(data.array_keys())
@@ -307,9 +359,7 @@ class EpisodeDataset:
                 self._arrays.setdefault(extra, data[extra])
         else:
             self._arrays = {k: data[k] for k in names}
-        short = [k for k, a in self._arrays.items() if a.shape[0] < self.n_steps]
-        if short:
-            raise UserError(f"{path}: arrays {short} are shorter than meta/episode_ends says ({self.n_steps} steps)")
+        self.episode_ends = check_whole(self.root, self.layout, path)
         self.cloud_frame = DP3_FRAME if self.layout == "dp3" else WORLD_FRAME  # see FRAME_NOTES
         self.colour_scaled = False  # DP3's 0-255 colour is read in [0, 1]
         cloud = self._arrays.get("point_cloud")

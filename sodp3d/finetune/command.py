@@ -24,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.checkpoint import load_checkpoint, save_checkpoint
 from sodp3d.data.store import WORLD_FRAME
 from sodp3d.errors import UserError
+from sodp3d.files import is_write_failure, write_failed
+from sodp3d.locks import writer_lock
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
 from sodp3d.runs import RunLogger, keep_host_memory, refuse_existing, resolve_device, results_table, write_results
 
@@ -96,10 +98,13 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
     budget = int(cfg.env_steps)
     seed_base = int(cfg.seed) * 1_000_003
 
+    saved = {"at": f"env step {state['env_steps']}" if ckpt.exists() else None}
+
     def save() -> None:
         save_checkpoint(ckpt, {"policy_config": policy.config.to_dict(), "task": task, "cloud_frame": cloud_frame,
                                "train_config": OmegaConf.to_container(cfg, resolve=True),
-                               "finetune_state": state, **ft.state()})
+                               "finetune_state": state, **ft.state()}, last_good=saved["at"])
+        saved["at"] = f"env step {state['env_steps']}"
 
     def run_eval(tag: str) -> float:
         """``sodp3d eval``'s protocol on the fine-tuner's own environments, at each eval
@@ -166,6 +171,11 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
             save()
         final = run_eval("final") if int(cfg.eval.episodes) > 0 else None
         save()
+    except OSError as e:  # a log line or another file of the run could not be written
+        if not is_write_failure(e):
+            raise
+        intact = f"the last good checkpoint, {saved['at']}, is {ckpt}" if saved["at"] else "no checkpoint was written"
+        raise write_failed(e.filename or run, e, intact) from None
     finally:
         bar.close()
         vec.close()
@@ -216,12 +226,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(str(cfg.out))
     for task in tasks:  # every task's observations checked before any task's run is written
         require_images(pretrained, task, cfg.env)
-    summaries = []
-    for task in tasks:
-        run = out / task if len(tasks) > 1 else out
-        summaries.append(finetune_task(cfg, task, run, device, pretrained, cloud_frame))
-    record = results_record(cfg, summaries, pretrained.config, etas)
-    write_results(out, record, results_table(record))
+    with writer_lock(out, "sodp3d finetune"):
+        summaries = []
+        for task in tasks:
+            run = out / task if len(tasks) > 1 else out
+            summaries.append(finetune_task(cfg, task, run, device, pretrained, cloud_frame))
+        record = results_record(cfg, summaries, pretrained.config, etas)
+        write_results(out, record, results_table(record))
     return record
 
 
