@@ -150,6 +150,9 @@ def test_the_adroit_experiments_pretrain_one_model_per_task():
         assert c["source"] == "expert" and c["expert"]["noise_std"] == noise
         assert [c["expert"]["random_share"], c["expert"]["perturb_share"]] == shares
         assert Path(c["expert"]["path"]).is_absolute() and Path(c["expert"]["path"]).name == "adroit-experts"
+    # A plain `sodp3d collect source=expert` makes the data planners learned from (adroit-cpu's).
+    plain = compose("collect", ["source=expert"]).expert
+    assert [list(plain.noise_std), plain.random_share, plain.perturb_share] == [[0.0, 0.2], 0.0, 0.0]
     cpu = {r.id: r for r in plan(compose("sweep", ["experiment=adroit-cpu", "device=cpu"]))}
     assert [cpu["pretrain/adroit-pen-s0"].cfg[k] for k in ("horizon", "n_obs_steps", "n_action_steps")] == [4, 2, 3]
     with pytest.raises(UserError, match="mixtures=per_task"):
