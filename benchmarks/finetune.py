@@ -166,14 +166,22 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the rounds, profile one update on the last rollout with torch.profiler "
                              "and print its N most expensive operators (by self CPU time) and where the time goes")
+    parser.add_argument("--state", action="store_true",
+                        help="state observations, no camera: the vector-env layouts at --envs environments, and the "
+                             "fine-tuning loop at the study's setting (experiment=mt10-state); see state_main")
+    parser.add_argument("--envs", type=int, nargs="+", default=[8, 32, 64], help="--state: numbers of environments")
+    parser.add_argument("--layouts", nargs="+", default=["sync", "async", "workers"],
+                        help="--state: vector-env layouts to time (workers: 2 processes)")
     parser.add_argument("overrides", nargs="*", help="demo config overrides, e.g. env.metaworld.num_points=512")
     args = parser.parse_args()
+    if args.state:
+        return state_main(args)
     cfg = compose("demo", [f"reg={args.reg}", *args.overrides])
     env_cfg, algo, E = cfg.env, cfg.algo, int(cfg.finetune.num_envs)
     keep_host_memory()  # as `sodp3d finetune` does
 
     bare = Bare(args.task, env_cfg)
-    vec = make_vector_env(args.task, E, env_cfg, asynchronous=E > 1, n_obs_steps=To, n_action_steps=Ta)
+    vec = make_vector_env(args.task, E, env_cfg, mode="async", n_obs_steps=To, n_action_steps=Ta)
     try:
         device = resolve_device(args.device)
         policy = policy_for(bare, args.preset, args.encoder)
@@ -338,6 +346,109 @@ def cpu_table(rows: list[dict]) -> None:
     print(f"sampling + update / environments: {(per['cpu_sampling'] + per['cpu_update']) / per['cpu_workers']:.2f} "
           f"(0.5x the ceiling needs <= 1 where the ceiling keeps all {cores} cores busy; it used "
           f"{ceiling / wall:.1f} of them)")
+
+
+# ---------------------------------------------------------------------------------------
+# --state: fine-tuning without a camera (experiment=mt10-state)
+def state_main(args) -> None:
+    """State observations, no renderer. For each number of environments: the bare simulator
+    (one env, random actions, no camera), each vector-env layout stepping random chunks
+    (sync: one process; async: a process per env; workers: 2 processes of E/2), and, in the
+    fastest layout, collect alone and the loop (collect + update) at the study's setting:
+    algo=large-batch, a state-encoder planner of the ``--preset`` U-Net, 150-step episodes.
+    Prints env steps/s, ratios against bare, and minutes per 1M env steps."""
+    cfg = compose("finetune", ["algo=large-batch", "env.metaworld.episode_length=150", "env.metaworld.point_cloud=false",
+                               *args.overrides])
+    env_cfg, algo = cfg.env, cfg.algo
+    R = int(algo.rollouts_per_update)
+    keep_host_memory()
+    device = resolve_device(args.device)
+    bare_env = make_env(args.task, env_cfg, point_cloud=False)
+    bare_env.reset(seed=0)
+    rng = np.random.default_rng(0)
+
+    def bare(n: int = 3000) -> float:
+        space = bare_env.action_space
+        t0 = time.perf_counter()
+        for _ in range(n):
+            _, _, terminated, truncated, _ = bare_env.step(rng.uniform(space.low, space.high).astype(np.float32))
+            if terminated or truncated:
+                bare_env.reset()
+        return n / (time.perf_counter() - t0)
+
+    spaces = bare_env.observation_space.spaces
+    da = int(bare_env.action_space.shape[0])
+    meta = {"agent_pos": list(spaces["agent_pos"].shape), "state": list(spaces["state"].shape), "action": [da]}
+    norm = MinMaxNormalizer.fit({"state": rng.uniform(-1, 1, (64,) + tuple(meta["state"])).astype(np.float32),
+                                 "action": rng.uniform(-1, 1, (64, da)).astype(np.float32)})
+    torch.manual_seed(0)
+    config = PolicyConfig(shape_meta=meta, horizon=Tp, n_obs_steps=To, n_action_steps=Ta, encoder="state",
+                          unet=args.preset)
+    rows = []
+    for E in args.envs:
+        layouts = {}
+        for layout in args.layouts:
+            if layout == "workers" and E % 2:
+                continue
+            vec = make_vector_env(args.task, E, env_cfg, mode=layout, workers=2, point_cloud=False, n_obs_steps=To,
+                                  n_action_steps=Ta)
+            try:
+                vec.reset(seed=list(range(E)))  # workers up before timing
+                b = bare()
+                steps, secs = ceiling_episode(vec, rng, [100 + j for j in range(E)])
+                layouts[layout] = (steps / secs, b)
+                print(f"{E} envs, {layout}: random chunks {steps / secs:.0f} env steps/s (bare {b:.0f})", flush=True)
+            finally:
+                vec.close()
+        best = max(layouts, key=lambda k: layouts[k][0] / layouts[k][1])
+        vec = make_vector_env(args.task, E, env_cfg, mode=best, workers=2, point_cloud=False, n_obs_steps=To,
+                              n_action_steps=Ta)
+        try:
+            policy = DiffusionPolicy(PolicyConfig(**config.to_dict()), norm)
+            ft = FineTuner(policy, algo, device, seed=0)
+            vec.reset(seed=list(range(E)))
+            b = bare()
+            coll_s = upd_s = 0.0
+            steps = grad = 0
+            for r in range(args.rounds):
+                parts = [collect_rollout(ft.policy, vec, ft.sampler, [1000 * (r * R + i + 1) + j for j in range(E)],
+                                         ft.torch_gen) for i in range(R)]
+                ro = Rollout.concat(parts)
+                ft.buffer.add(ro.trajectories)
+                t = time.perf_counter()
+                stats = ft.update(ro)
+                upd_s += time.perf_counter() - t
+                coll_s += ro.seconds
+                steps += ro.env_steps
+                grad += stats["gradient_steps"]
+                print(f"{E} envs, {best}, round {r}: {ro.env_steps} env steps ({ro.size} chunks) in {ro.seconds:.1f} s, "
+                      f"update {stats['gradient_steps']} gradient steps in {time.perf_counter() - t:.1f} s", flush=True)
+        finally:
+            vec.close()
+        rows.append({"E": E, "layouts": layouts, "best": best, "bare": b, "collect": steps / coll_s,
+                     "loop": steps / (coll_s + upd_s), "update_share": upd_s / (coll_s + upd_s),
+                     "grad_per_s": grad / max(upd_s, 1e-9), "chunks": ro.size, "grad": stats["gradient_steps"]})
+    bare_env.close()
+    n_params = sum(p.numel() for p in policy.parameters())
+    print(f"\nState-only fine-tuning throughput, {args.task}: no camera, 150-step episodes, To={To} Ta={Ta} Tp={Tp}, "
+          f"'{args.preset}' U-Net + state encoder ({n_params / 1e6:.2f}M params), algo=large-batch "
+          f"({R} episodes per env per update, {int(algo.update_epochs)} epochs, minibatch {int(algo.batch_size)} pairs), "
+          f"device {device}; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; {args.rounds} updates per row.\n")
+    print("| envs | layout | random chunks, steps/s | vs bare |")
+    print("|---:|---|---:|---:|")
+    for row in rows:
+        for layout, (sps, b) in row["layouts"].items():
+            print(f"| {row['E']} | {layout}{' (fastest)' if layout == row['best'] else ''} | {sps:.0f} | {sps / b:.2f} |")
+    print("\n| envs | layout | bare steps/s | collect steps/s | vs bare | loop steps/s | vs bare | update share | "
+          "chunks / update | gradient steps/s | min per 1M env steps |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['E']} | {row['best']} | {row['bare']:.0f} | {row['collect']:.0f} | {row['collect'] / row['bare']:.2f} | "
+              f"{row['loop']:.0f} | {row['loop'] / row['bare']:.2f} | {row['update_share']:.0%} | {row['chunks']} | "
+              f"{row['grad_per_s']:.1f} | {1e6 / row['loop'] / 60:.0f} |")
+    goal = min(1e6 / r["loop"] / 60 for r in rows)
+    print(f"\nfastest: 1M env steps with updates in {goal:.0f} min ({'meets' if goal <= 30 else 'misses'} the goal of "
+          "<= 30 min on 2 cores)")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ def collect(cfg: DictConfig) -> dict[str, Any]:
     shapes = {(s.num_points, s.channels) for s in settings.values()}
     if len(shapes) > 1:
         raise UserError(f"all tasks of one dataset need the same cloud shape (num_points, channels); got {sorted(shapes)}")
+    if len({s.point_cloud for s in settings.values()}) > 1:
+        raise UserError("all tasks of one dataset need the same env.<suite>.point_cloud (a cloud for every step, or none)")
     images = {s.image_shape for s in settings.values()}
     if len(images) > 1:
         raise UserError(f"all tasks of one dataset need the same image shape (or none); got "
@@ -207,8 +209,10 @@ def _dataset_attrs(task_attrs: dict, settings: dict[str, ObsSettings], seed: int
         except PackageNotFoundError:
             pass
     first = next(iter(settings.values()))
+    observations = (["point_cloud"] if first.point_cloud else []) + (["image"] if first.image else [])
     return {
         "tasks": task_attrs,
+        "observations": observations + ["agent_pos", "state"],  # what each step holds besides action, reward, success
         "num_points": first.num_points,
         "channels": first.channels,
         "image": None if first.image_shape is None else list(first.image_shape),  # (H, W, C) uint8, or none
@@ -224,6 +228,12 @@ def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings], r
     the stored ones; a provenance record (the expert file's sha256) must equal the stored
     one where the dataset has it (datasets from before the record keep extending)."""
     stored = attrs.get("tasks", {})
+    clouds = "point_cloud" in attrs.get("observations", ["point_cloud"])  # stores from before the record held clouds
+    first = next(iter(settings.values()))
+    if clouds != first.point_cloud:
+        raise UserError(f"{out} holds {'point clouds' if clouds else 'no point clouds (state only)'}; this run asks for "
+                        f"{'them' if first.point_cloud else 'none'} (env.{first.suite}.point_cloud={str(first.point_cloud).lower()}); "
+                        "choose another out path")
     for task, s in settings.items():
         shape = (s.num_points, s.channels)
         if (attrs.get("num_points"), attrs.get("channels")) != shape:
@@ -241,7 +251,8 @@ def _check_compatible(out: str, attrs: dict, settings: dict[str, ObsSettings], r
         if task in stored:
             old = {k: v for k, v in stored[task].items() if k != "task"}
             new = {k: v for k, v in {**s.to_dict(), **recipe}.items() if k != "task"}
-            diff = sorted([k for k in new if old.get(k) != new[k]]
+            absent = ObsSettings.__dataclass_fields__  # keys a store from before them lacks: their defaults
+            diff = sorted([k for k in new if old.get(k, getattr(absent.get(k), "default", None)) != new[k]]
                           + [k for k, v in provenance[task].items() if k in old and old[k] != v])
             if diff:
                 raise UserError(

@@ -45,16 +45,18 @@ def make_env(
     task: str,
     env_cfg: DictConfig | dict | None = None,
     *,
-    point_cloud: bool = True,
+    point_cloud: bool | None = None,
     n_obs_steps: int | None = None,
     n_action_steps: int | None = None,
     settings: ObsSettings | None = None,
 ) -> gym.Env:
-    """One task: suite env -> point cloud (optional) -> action chunks (when To, Ta given)."""
+    """One task: suite env -> point cloud -> action chunks (when To, Ta given). The cloud
+    (a camera and its renderer) is made unless ``point_cloud=False`` or the settings say
+    ``point_cloud: false``: then the observation is the state and agent_pos only."""
     ensure_headless_gl()
     settings = settings or task_settings(task, env_cfg)
     env: gym.Env = make_suite_env(task, settings.episode_length)
-    if point_cloud:
+    if point_cloud is not False and settings.point_cloud:
         env = PointCloudObservation(env, settings)
     if n_obs_steps is not None or n_action_steps is not None:
         env = ActionChunking(env, n_obs_steps or 1, n_action_steps or 1)
@@ -66,29 +68,35 @@ def make_vector_env(
     num_envs: int,
     env_cfg: DictConfig | dict | None = None,
     *,
-    asynchronous: bool = True,
+    mode: str = "async",
+    workers: int | None = None,
     autoreset_mode: gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP,
     **kwargs,
 ) -> gym.vector.VectorEnv:
-    """``num_envs`` copies (cycled over ``tasks``), one process each when asynchronous.
+    """``num_envs`` copies (cycled over ``tasks``) in the layout ``mode`` says
+    (sodp3d.envs.vector: sync, async, workers with ``workers`` processes, or auto).
 
     Seeding: ``vec.reset(seed=s)`` seeds env i with s + i (or ``seed=[...]`` one each),
-    so a run is reproducible. Workers start as ``worker_start_method()`` says (a fork
-    server with the environment modules loaded), so no GL context crosses a fork.
-    Autoreset is gymnasium's default (NEXT_STEP): the step that ends an episode returns
-    that episode's last observation and info.
+    so a run is reproducible, and the same in every layout. Worker processes start as
+    ``worker_start_method()`` says (a fork server with the environment modules loaded), so
+    no GL context crosses a fork. Autoreset is gymnasium's default (NEXT_STEP): the step
+    that ends an episode returns that episode's last observation and info.
+    ``point_cloud=False`` (in ``kwargs``) builds environments without a renderer.
     """
+    from .vector import WorkersVectorEnv, resolve_mode
+
     ensure_headless_gl()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    if num_envs < 1:
-        from sodp3d.errors import UserError
-
-        raise UserError(f"num_envs must be >= 1, got {num_envs}")
-    for t in dict.fromkeys(tasks):  # validate in the parent: a bad name fails here, once
-        task_settings(t, env_cfg)
+    settings = {t: task_settings(t, env_cfg) for t in dict.fromkeys(tasks)}  # a bad name fails here, once
+    renders = kwargs.get("point_cloud") is not False and any(s.point_cloud for s in settings.values())
+    mode, n_workers = resolve_mode(mode, num_envs, workers, renders)
     fns: list[Callable[[], gym.Env]] = [
         partial(make_env, tasks[i % len(tasks)], env_cfg, **kwargs) for i in range(num_envs)
     ]
-    if asynchronous and num_envs > 1:
+    if mode == "async":
         return gym.vector.AsyncVectorEnv(fns, context=worker_start_method(), autoreset_mode=autoreset_mode)
+    if mode == "workers":
+        if autoreset_mode != gym.vector.AutoresetMode.NEXT_STEP:
+            raise ValueError("vector_env=workers autoresets as NEXT_STEP only")
+        return WorkersVectorEnv(fns, n_workers, context=worker_start_method())
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=autoreset_mode)

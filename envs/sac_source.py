@@ -140,7 +140,10 @@ def render_episode(settings: ObsSettings, record: dict[str, Any]) -> tuple[np.nd
 
 def render_frames(settings: ObsSettings, record: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
     """``render_episode``'s clouds as {'point_cloud': (T, N, C)}, with 'image' (T, H, W, 3|4)
-    from the same renders when the settings ask for images."""
+    from the same renders when the settings ask for images; nothing when they ask for no
+    camera (``point_cloud: false``)."""
+    if not settings.point_cloud:
+        return {}, 0
     env = env_for(settings)  # PointCloudObservation over the suite env
     base = env.unwrapped
     padded_before = env.padded

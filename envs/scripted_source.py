@@ -94,7 +94,7 @@ def run_degraded_episode(settings: ObsSettings, cfg: ScriptedConfig, act: Callab
     u = rng.random()
     kind = "random" if u < cfg.random_share else "perturbed" if u < cfg.random_share + cfg.perturb_share else "noisy"
     noise = float(rng.uniform(*cfg.noise_std))
-    padded_before = padded_stored = env.padded
+    padded_before = padded_stored = getattr(env, "padded", 0)  # no camera (point_cloud: false): nothing padded
     obs, _ = env.reset(seed=reset_seed)
     base = env.unwrapped
     observed = [k for k in ("point_cloud", "image", "agent_pos", "state") if k in obs]  # image: when configured
@@ -116,7 +116,7 @@ def run_degraded_episode(settings: ObsSettings, cfg: ScriptedConfig, act: Callab
         for k in observed:
             steps[k].append(obs[k])
         steps["action"].append(action)
-        padded_stored = env.padded  # the observations stored so far (the final one is not)
+        padded_stored = getattr(env, "padded", 0)  # the observations stored so far (the final one is not)
         obs, reward, terminated, truncated, info = env.step(action)
         steps["reward"].append(reward)
         steps["success"].append(info["success"])

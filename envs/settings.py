@@ -21,9 +21,9 @@ from .pointcloud import SAMPLING_METHODS, CropBox
 from .tasks import suite_of
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-_KEYS = ("episode_length", "cameras", "resolution", "num_points", "rgb", "sampling", "crop", "image")
+_KEYS = ("episode_length", "cameras", "resolution", "num_points", "rgb", "sampling", "crop", "image", "point_cloud")
 # Keys a config may leave out, with the value they take (configs and checkpoints from before them).
-_OPTIONAL = {"image": None}
+_OPTIONAL = {"image": None, "point_cloud": True}
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class ObsSettings:
     sampling: str
     crop: CropBox | None
     image: str | None = None  # rgb | rgbd: the cameras' images as an `image` observation, null: none
+    point_cloud: bool = True  # false: no camera at all; the observation is the state and agent_pos
 
     @property
     def channels(self) -> int:
@@ -119,6 +120,12 @@ def task_settings(task: str, env_cfg: DictConfig | dict | None = None) -> ObsSet
     if image is not None and len(cams) > 1:
         raise UserError(f"{where('image')}={image} records one camera's image, but {where('cameras')} names "
                         f"{len(cams)} ({', '.join(cams)}); name one camera, or set image=null")
+    cloud = s["point_cloud"]
+    if not isinstance(cloud, bool):
+        raise UserError(f"{where('point_cloud')} must be true or false, got {cloud!r}")
+    if not cloud and image is not None:
+        raise UserError(f"{where('image')}={image} needs the camera, which {where('point_cloud')}=false leaves out; "
+                        "set image=null, or point_cloud=true")
     box = None
     if s["crop"] is not None:
         c = s["crop"]
@@ -144,12 +151,13 @@ def task_settings(task: str, env_cfg: DictConfig | dict | None = None) -> ObsSet
         sampling=s["sampling"],
         crop=box,
         image=image,
+        point_cloud=cloud,
     )
 
 
 # Keys a dataset records per task that define what the policy sees (not the episode length,
 # which is an evaluation choice).
-OBSERVATION_KEYS = ("cameras", "resolution", "num_points", "rgb", "sampling", "crop", "image")
+OBSERVATION_KEYS = ("cameras", "resolution", "num_points", "rgb", "sampling", "crop", "image", "point_cloud")
 
 
 def recorded_as_env(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +166,7 @@ def recorded_as_env(recorded: dict[str, Any]) -> dict[str, Any]:
     entry = {"cameras": list(recorded["cameras"]), "resolution": [recorded["height"], recorded["width"]],
              "num_points": recorded["num_points"], "rgb": recorded["rgb"], "sampling": recorded["sampling"],
              "crop": None if crop is None else {"low": list(crop[0]), "high": list(crop[1])},
-             "image": recorded.get("image")}
+             "image": recorded.get("image"), "point_cloud": recorded.get("point_cloud", True)}
     return {k: entry[k] for k in OBSERVATION_KEYS}
 
 

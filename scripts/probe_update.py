@@ -57,7 +57,7 @@ def main() -> None:
     with open_dict(cfg):
         cfg.env = acting_env_config(cfg.env, payload)
     pc = pretrained.config
-    vec = make_vector_env(args.task, args.num_envs, cfg.env, asynchronous=args.num_envs > 1,
+    vec = make_vector_env(args.task, args.num_envs, cfg.env, mode="auto",
                           n_obs_steps=pc.n_obs_steps, n_action_steps=pc.n_action_steps)
     base = FineTuner(copy.deepcopy(pretrained), cfg.algo, torch.device("cpu"), args.seed)
     t0 = time.perf_counter()

@@ -30,11 +30,11 @@ METRIC_TOP_K = ("DP3-style: per task, the average of the {k} best of {n} evaluat
 
 
 def check_policy_fits(policy, task: str, env_cfg) -> None:
-    from sodp3d.envs import make_env
+    from sodp3d.envs import make_env, task_settings
     from sodp3d.envs.settings import require_images
 
     require_images(policy, task, env_cfg)
-    env = make_env(task, env_cfg)
+    env = make_env(task, env_cfg, point_cloud=policy.reads_camera)
     try:
         spaces = env.observation_space.spaces
         meta = policy.config.shape_meta
@@ -43,6 +43,10 @@ def check_policy_fits(policy, task: str, env_cfg) -> None:
                 f"the checkpoint acts with {meta['action'][0]} action dims; {task} needs {env.action_space.shape[0]}"
             )
         for k in policy.obs_keys:
+            if k not in spaces:
+                suite = task_settings(task, env_cfg).suite
+                raise UserError(f"the checkpoint reads '{k}', which the env settings of {task} do not give "
+                                f"(env.{suite}.point_cloud=false); act with env.{suite}.point_cloud=true")
             if tuple(meta[k]) != tuple(spaces[k].shape):
                 raise UserError(
                     f"the checkpoint reads '{k}' of shape {tuple(meta[k])}; {task} gives {tuple(spaces[k].shape)} "
@@ -69,6 +73,8 @@ def evaluate_task(
     ``vec``: an open vector env of this task with the policy's chunking (the fine-tuner
     passes its own); otherwise one of min(num_envs, episodes) envs is made and closed.
     ``sampler``: a DDIM sampler to act with instead of the policy's (another eta).
+    An own vector env is laid out as ``vector_env=auto`` says (sodp3d.envs.vector), and
+    renders only when the policy reads a cloud or an image.
     """
     from sodp3d.envs import make_vector_env
 
@@ -76,7 +82,8 @@ def evaluate_task(
     if own:
         To, Ta = policy.config.n_obs_steps, policy.config.n_action_steps
         n = max(1, min(num_envs, episodes))
-        vec = make_vector_env(task, n, env_cfg, asynchronous=n > 1, n_obs_steps=To, n_action_steps=Ta)
+        vec = make_vector_env(task, n, env_cfg, mode="auto", point_cloud=policy.reads_camera, n_obs_steps=To,
+                              n_action_steps=Ta)
     n = vec.num_envs
     successes: list[bool] = []
     returns: list[float] = []

@@ -101,6 +101,9 @@ class DiffusionPolicy(nn.Module):
         obs_meta = {k: v for k, v in meta.items() if k != "action"}
         self.encoder = build_encoder(config.encoder, obs_meta, **config.encoder_kwargs)
         self.obs_keys = tuple(self.encoder.keys)
+        # Whether acting needs a camera: a policy that reads neither a cloud nor an image acts
+        # in environments without a renderer (make_env(point_cloud=False)).
+        self.reads_camera = any(k in ("point_cloud", "image") for k in self.obs_keys)
         self.cond_dim = config.n_obs_steps * self.encoder.out_dim
         self.model = build_unet(config.unet, self.action_dim, self.cond_dim, **config.unet_kwargs)
         self.model.check_horizon(config.horizon)  # fail at build time, not at the first forward

@@ -89,7 +89,7 @@ def _variant_overrides(name: str, settings: Any, finetune_cfg: DictConfig) -> di
 
     out = {}
     for key, value in flat(settings).items():
-        if key == "mixture" or key == "encoder" or key.startswith("encoder."):  # pre-training's, not fine-tuning's
+        if key in ("mixture", "tasks") or key == "encoder" or key.startswith("encoder."):  # the grid's, not a run's
             continue
         if OmegaConf.select(finetune_cfg, str(key), default="__missing__") == "__missing__":
             raise UserError(f"variant '{name}' sets '{key}', which sodp3d finetune does not have "
@@ -196,7 +196,13 @@ def plan(cfg: DictConfig) -> list[Run]:
         if mixture not in mixtures:
             raise UserError(f"variant '{variant}' pre-trains on mixture '{mixture}'; valid: {', '.join(mixtures)}")
         tag = variant_tag[str(variant)]
-        for task in ft_tasks:
+        only = (settings or {}).get("tasks")  # a variant fine-tuned on some of the tasks only (a longer budget, say)
+        v_tasks = ft_tasks if only is None else _tasks(only)
+        outside = [t for t in v_tasks if t not in ft_tasks]
+        if outside:
+            raise UserError(f"variant '{variant}' names tasks {outside} that the experiment does not fine-tune; "
+                            f"valid: {', '.join(ft_tasks)}")
+        for task in v_tasks:
             for seed in seeds:
                 d = out / "finetune" / str(variant) / f"{task}-s{seed}"
                 pre = pretrained[(task if per_task else mixture, seed, tag)]

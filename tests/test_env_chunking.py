@@ -88,7 +88,7 @@ def test_action_chunking_truncates_inside_a_chunk():
 # 9. vector env
 # ---------------------------------------------------------------------------------------
 def test_async_vector_env():
-    env = make_vector_env("reach-v3", 2, asynchronous=True, n_obs_steps=2, n_action_steps=8)
+    env = make_vector_env("reach-v3", 2, mode="async", n_obs_steps=2, n_action_steps=8)
     try:
         assert env.num_envs == 2
         obs, _ = env.reset(seed=11)

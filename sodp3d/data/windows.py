@@ -87,6 +87,10 @@ class WindowDataset:
             if "image" in missing:
                 raise UserError(f"{path} has no 'image' observations; record them with "
                                 f"`sodp3d collect ... env.{_suite(data)}.image=rgb` (or rgbd)")
+            if "point_cloud" in missing and "point_cloud" not in data.attrs.get("observations", ["point_cloud"]):
+                raise UserError(f"{path} holds no point_cloud, which this policy's encoder reads: it was collected "
+                                f"without a camera (env.{_suite(data)}.point_cloud=false); pre-train encoder=state on it, "
+                                "or collect with point_cloud=true")
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)}, which this policy needs; it has: {', '.join(data.keys)}")
             if data.n_episodes == 0:

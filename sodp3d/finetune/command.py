@@ -30,7 +30,7 @@ from sodp3d.policy import DiffusionPolicy, PolicyConfig
 from sodp3d.runs import RunLogger, keep_host_memory, refuse_existing, resolve_device, results_table, write_results
 
 from .ppo import FineTuner, check_algo
-from .rollouts import collect_rollout
+from .rollouts import Rollout, collect_rollout
 
 METRIC = "final evaluation, success rate over {episodes} episodes (DDIM eta = {eta:g}), before and after fine-tuning"
 
@@ -93,7 +93,8 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
     run.mkdir(parents=True, exist_ok=True)
     logger = RunLogger(run, cfg, f"{run.parent.name}-{task}")
     E = int(cfg.num_envs)
-    vec = make_vector_env(task, E, cfg.env, asynchronous=E > 1, n_obs_steps=policy.config.n_obs_steps,
+    vec = make_vector_env(task, E, cfg.env, mode=str(cfg.get("vector_env", "auto")), workers=cfg.get("env_workers"),
+                          point_cloud=policy.reads_camera, n_obs_steps=policy.config.n_obs_steps,
                           n_action_steps=policy.config.n_action_steps)
     budget = int(cfg.env_steps)
     seed_base = int(cfg.seed) * 1_000_003
@@ -138,10 +139,14 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
                 filled += min(E, n_init - filled)
             save()
         last_eval = state["evals"][-1]["env_steps"] if state["evals"] else 0
+        per_update = int(algo.get("rollouts_per_update", 1))  # episodes per environment in one update's batch
         while state["env_steps"] < budget:
-            seeds = [seed_base + ft.updates * E + j for j in range(E)]
-            ro = collect_rollout(ft.policy, vec, ft.sampler, seeds, ft.torch_gen)
-            ft.buffer.add(ro.trajectories)
+            parts: list = []
+            while len(parts) < per_update and state["env_steps"] + sum(p.env_steps for p in parts) < budget:
+                seeds = [seed_base + (ft.updates * per_update + len(parts)) * E + j for j in range(E)]
+                parts.append(collect_rollout(ft.policy, vec, ft.sampler, seeds, ft.torch_gen))
+                ft.buffer.add(parts[-1].trajectories)
+            ro = Rollout.concat(parts)
             t_upd = time.perf_counter()
             try:
                 stats = ft.update(ro)
@@ -154,7 +159,8 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
                 "success_rate": float(np.mean([t.success for t in ro.trajectories])),
                 "mean_chunk_reward": float(ro.reward.mean()),
                 "mean_return": float(np.mean([t.ret for t in ro.trajectories])),
-                "target_buffer": len(ft.buffer), "env_steps_per_s": ro.env_steps / max(ro.seconds, 1e-9),
+                "target_buffer": len(ft.buffer), "episodes": len(ro.trajectories), "chunks": ro.size,
+                "env_steps_per_s": ro.env_steps / max(ro.seconds, 1e-9),
                 "steps_per_s_with_update": ro.env_steps / max(ro.seconds + upd_s, 1e-9), **stats,
             }
             state["history"].append(entry)
@@ -200,6 +206,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from sodp3d.checkpoint import acting_env_config, checkpoint_path, policy_from_payload, refuse_foreign_frame
     from sodp3d.envs import resolve_tasks
     from sodp3d.envs.settings import require_images
+    from sodp3d.envs.vector import resolve_mode
 
     if cfg.get("ckpt") in (None, "???"):
         raise UserError("no checkpoint; pass ckpt=<pre-trained checkpoint or run dir>")
@@ -207,8 +214,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("no run directory; pass out=<run dir>")
     tasks = resolve_tasks(cfg.task if cfg.get("task") != "???" else None)
     for key in ("env_steps", "num_envs"):
-        if not isinstance(cfg[key], int) or cfg[key] <= 0:
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    resolve_mode(str(cfg.get("vector_env", "auto")), int(cfg.num_envs), cfg.get("env_workers"), renders=True)
     check_algo(cfg.algo)
     etas = eval_etas(cfg)
     device = resolve_device(str(cfg.device))

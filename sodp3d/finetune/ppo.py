@@ -87,6 +87,10 @@ def check_algo(a: DictConfig | dict, num_inference_steps: int | None = None) -> 
     if str(get("reg")) not in REGULARISERS:
         raise UserError(f"unknown regulariser reg={get('reg')}; valid: {', '.join(REGULARISERS)}")
     check_advantage(str(get("advantage", "reward")))
+    r = get("rollouts_per_update", 1)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise UserError(f"algo.rollouts_per_update must be a positive integer (episodes per environment in one "
+                        f"update's batch), got {r!r}")
     check_epochs(get("update_epochs"), get("target_kl"))
     k = get("ft_denoising_steps")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1

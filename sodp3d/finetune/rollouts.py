@@ -56,6 +56,23 @@ class Rollout:
                              f"chunks, not its {self.size}")
         return [slice(int(a), int(b)) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends)]
 
+    @staticmethod
+    def concat(rollouts: list["Rollout"]) -> "Rollout":
+        """Several rollouts as one batch, their chunks and episodes in order."""
+        if len(rollouts) == 1:
+            return rollouts[0]
+        executed = [r.executed for r in rollouts]
+        return Rollout(
+            obs={k: torch.cat([r.obs[k] for r in rollouts]) for k in rollouts[0].obs},
+            chains=torch.cat([r.chains for r in rollouts]),
+            old_logp=torch.cat([r.old_logp for r in rollouts]),
+            reward=torch.cat([r.reward for r in rollouts]),
+            trajectories=[t for r in rollouts for t in r.trajectories],
+            executed=None if any(e is None for e in executed) else torch.cat(executed),
+            env_steps=sum(r.env_steps for r in rollouts),
+            seconds=sum(r.seconds for r in rollouts),
+        )
+
     def positions(self) -> torch.Tensor:
         """(M,) each chunk's index within its episode."""
         return torch.as_tensor(np.concatenate([np.arange(len(t.chunk_starts)) for t in self.trajectories]))
