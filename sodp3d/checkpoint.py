@@ -111,9 +111,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def policy_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
-    """(the policy of a checkpoint, ready to act (EMA weights when present), the payload)."""
+    """(the policy of a checkpoint, ready to act (EMA weights when present), the payload).
+    A checkpoint of ``method=noise-sac`` acts as its planner steered by its noise policy."""
     payload = load_checkpoint(path)
-    return policy_from_payload(payload, device, use_ema, source=str(path)), payload
+    policy = policy_from_payload(payload, device, use_ema, source=str(path))
+    if payload.get("noise_policy") is not None:
+        from sodp3d.finetune.noise_sac import steered_from_payload
+
+        policy = steered_from_payload(policy, payload)
+    return policy, payload
 
 
 def policy_from_payload(payload: dict[str, Any], device: str | torch.device = "cpu", use_ema: bool = True,

@@ -297,13 +297,17 @@ class DiffusionPolicy(nn.Module):
     # -- acting -------------------------------------------------------------------------
     @torch.no_grad()
     def predict_action(self, obs: dict[str, Any], generator: torch.Generator | None = None,
-                       sampler: DDIMSampler | None = None) -> dict[str, torch.Tensor]:
+                       sampler: DDIMSampler | None = None, x_init: torch.Tensor | None = None,
+                       cond: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """{'action': (B, Ta, Da) to execute, 'action_pred': (B, Tp, Da)}; ``sampler``
-        replaces the policy's own (DDIM with its eta) for this call."""
-        cond = self.condition(obs)
+        replaces the policy's own (DDIM with its eta) for this call; ``x_init`` (B, Tp, Da)
+        is the initial noise instead of a draw from N(0, I) (a noise policy's choice);
+        ``cond``: the observation's features when the caller has them already."""
+        cond = self.condition(obs) if cond is None else cond
         shape = (cond.shape[0], self.config.horizon, self.action_dim)
         sampler = sampler or self.sampler
-        x0 = sampler.sample(self.acting_denoiser(obs, cond, sampler), shape, generator=generator, device=cond.device)
+        x0 = sampler.sample(self.acting_denoiser(obs, cond, sampler), shape, generator=generator, device=cond.device,
+                            x_init=x_init)
         action_pred = self.normalizer.unnormalize("action", x0)
         return {"action": self.executed(action_pred), "action_pred": action_pred}
 

@@ -29,6 +29,7 @@ from sodp3d.locks import writer_lock
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
 from sodp3d.runs import RunLogger, keep_host_memory, refuse_existing, resolve_device, results_table, write_results
 
+from .evaluations import eval_value, new_state, record_evaluation, task_summary
 from .ppo import FineTuner, check_algo
 from .rollouts import Rollout, collect_rollout
 
@@ -55,39 +56,28 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
     from tqdm import tqdm
 
     from sodp3d.envs import make_vector_env
-    from sodp3d.evaluate import check_policy_fits, evaluate_task
+    from sodp3d.evaluate import check_policy_fits
 
     policy = _initial_policy(cfg, pretrained, device)
     check_policy_fits(policy, task, cfg.env)
     algo = cfg.algo
     ft = FineTuner(policy, algo, device, int(cfg.seed), reference=pretrained)
     ckpt = run / "checkpoints" / "latest.ckpt"
-    state: dict[str, Any] = {"env_steps": 0, "history": [], "evals": [], "pretrained_eval": None}
+    state = new_state()
     if ckpt.exists():
         refuse_existing(run, True, bool(cfg.resume), "a fine-tuning run")
         payload = load_checkpoint(ckpt, map_location=device)
+        refuse_other_method(payload, "ppo", ckpt)
         ft.load(payload)
         state = payload["finetune_state"]
     etas = eval_etas(cfg)
     # One DDIM sampler per evaluation eta; eta = 1 is the sampler fine-tuning optimises.
     samplers = [policy.ddim(e, float(algo.min_std)) for e in etas]
 
-    def eval_value(tag: str, eta: float, key: str = "success_rate") -> float | None:
-        return next((e[key] for e in state["evals"] if e["tag"] == tag and e.get("eta", 0.0) == eta), None)
-
     def summary(final: float | None) -> dict[str, Any]:
-        return {"task": task, "reg": ft.reg_name, "init": str(cfg.init), "env_steps": state["env_steps"],
-                "pretrained_success": state["pretrained_eval"], "finetuned_success": final,
-                "pretrained_return": eval_value("initial", etas[0], "mean_return"),
-                "finetuned_return": eval_value("final", etas[0], "mean_return"),
-                "by_eta": [{"eta": e, "pretrained_success": eval_value("initial", e),
-                            "finetuned_success": eval_value("final", e),
-                            "pretrained_return": eval_value("initial", e, "mean_return"),
-                            "finetuned_return": eval_value("final", e, "mean_return")}
-                           for e in etas],
-                "updates": ft.updates, "history": state["history"], "evals": state["evals"]}
+        return task_summary(state, task, ft.reg_name, str(cfg.init), etas, ft.updates, final)
 
-    done = eval_value("final", etas[0])
+    done = eval_value(state, "final", etas[0])
     if done is not None and state["env_steps"] >= int(cfg.env_steps):
         return summary(done)  # a finished run: nothing to do
     run.mkdir(parents=True, exist_ok=True)
@@ -103,25 +93,13 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
 
     def save() -> None:
         save_checkpoint(ckpt, {"policy_config": policy.config.to_dict(), "task": task, "cloud_frame": cloud_frame,
+                               "method": "ppo",
                                "train_config": OmegaConf.to_container(cfg, resolve=True),
                                "finetune_state": state, **ft.state()}, last_good=saved["at"])
         saved["at"] = f"env step {state['env_steps']}"
 
     def run_eval(tag: str) -> float:
-        """``sodp3d eval``'s protocol on the fine-tuner's own environments, at each eval
-        eta; returns the success rate at the first (the headline metric)."""
-        rates = []
-        for eta, sampler in zip(etas, samplers):
-            gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-            r = evaluate_task(ft.policy, task, int(cfg.eval.episodes), int(cfg.seed), E, generator=gen, vec=vec,
-                              sampler=sampler)
-            rate, ret = float(np.mean(r["success"])), float(np.mean(r["return"]))
-            state["evals"].append({"tag": tag, "eta": eta, "env_steps": state["env_steps"], "success_rate": rate,
-                                   "mean_return": ret})
-            suffix = "" if eta == etas[0] else f"_eta{eta:g}"
-            logger.log({f"eval/success_rate{suffix}": rate, f"eval/mean_return{suffix}": ret}, state["env_steps"])
-            rates.append(rate)
-        return rates[0]
+        return record_evaluation(state, ft.policy, task, cfg, etas, samplers, vec, logger, tag)
 
     bar = tqdm(total=budget, initial=min(state["env_steps"], budget), desc=f"finetune {task} ({ft.reg_name})",
                unit="step", dynamic_ncols=True)
@@ -189,6 +167,27 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
     return summary(final)
 
 
+def _noise_sac(*args, **kwargs) -> dict[str, Any]:
+    from .noise_sac import finetune_task as noise_sac_task
+
+    return noise_sac_task(*args, **kwargs)
+
+
+# ``method=``: how a task is fine-tuned from the pre-trained planner. Each is
+# (cfg, task, run dir, device, pre-trained policy, cloud frame) -> the task's summary.
+METHODS = {
+    "ppo": finetune_task,       # PPO over the denoising chain + a regulariser (the paper's; this module)
+    "noise-sac": _noise_sac,    # SAC in the frozen planner's noise space (sodp3d/finetune/noise_sac.py)
+}
+
+
+def refuse_other_method(payload: dict[str, Any], method: str, ckpt: Path) -> None:
+    """A run's checkpoint is resumed by the method that made it, or refused in one line."""
+    made = str(payload.get("method", "ppo"))
+    if made != method:
+        raise UserError(f"{ckpt} was made by method={made}; resume it with method={made}, or fine-tune into another out")
+
+
 def eval_etas(cfg: DictConfig) -> list[float]:
     """The DDIM etas fine-tuning evaluates with (``eval.etas``); the first is the headline."""
     etas = cfg.eval.get("etas", [0.0])
@@ -217,6 +216,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
     resolve_mode(str(cfg.get("vector_env", "auto")), int(cfg.num_envs), cfg.get("env_workers"), renders=True)
+    method = str(cfg.get("method", "ppo"))
+    if method not in METHODS:
+        raise UserError(f"unknown method={method}; valid: {', '.join(METHODS)}")
+    if method == "noise-sac":
+        from .noise_sac import check_noise_sac
+
+        check_noise_sac(cfg.noise_sac)
+        if str(cfg.init) != "pretrained":
+            raise UserError("method=noise-sac steers the pre-trained planner; it takes init=pretrained only")
     check_algo(cfg.algo)
     etas = eval_etas(cfg)
     device = resolve_device(str(cfg.device))
@@ -238,7 +246,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summaries = []
         for task in tasks:
             run = out / task if len(tasks) > 1 else out
-            summaries.append(finetune_task(cfg, task, run, device, pretrained, cloud_frame))
+            summaries.append(METHODS[method](cfg, task, run, device, pretrained, cloud_frame))
         record = results_record(cfg, summaries, pretrained.config, etas)
         write_results(out, record, results_table(record))
     return record
@@ -258,7 +266,8 @@ def results_record(cfg: DictConfig, summaries: list[dict[str, Any]], pc: PolicyC
         "metric": METRIC.format(episodes=int(cfg.eval.episodes), eta=etas[0]),
         "eval_etas": etas,
         "eval_episodes": int(cfg.eval.episodes),
-        "seed": int(cfg.seed), "reg": str(cfg.algo.reg), "init": str(cfg.init), "variant": cfg.get("variant"),
+        "seed": int(cfg.seed), "reg": str(cfg.algo.reg) if str(cfg.get("method", "ppo")) == "ppo" else "noise-sac",
+        "method": str(cfg.get("method", "ppo")), "init": str(cfg.init), "variant": cfg.get("variant"),
         "ppo_weight": float(cfg.algo.get("ppo_weight", 1.0)),
         "advantage": str(cfg.algo.get("advantage", "reward")),
         "encoder": pc.encoder, "unet": pc.unet, "ckpt": str(cfg.ckpt),

@@ -1,0 +1,385 @@
+"""Fine-tuning in the planner's noise space (``method=noise-sac``), beyond the paper.
+
+The planner stays frozen. Its deterministic sampler (DDIM, eta = 0) is a map from the
+initial noise x_S (Tp x Da) to an action chunk; stable-baselines3's SAC learns where to
+put that noise (the DSRL idea: Wagenmaker et al. 2025, arXiv 2506.15799):
+
+    SAC's observation   the frozen encoder's features of the observation window
+                        (To x the encoder's width; computed once per chunk; SAC never
+                        encodes a cloud)
+    SAC's action        x_S, flattened, in [-noise_bound, noise_bound]
+    the step            the planner denoises x_S at eta = 0, the environments execute the
+                        Ta actions of the chunk, the reward is the chunk's (discount
+                        ``gamma`` per chunk); time limits bootstrap (TimeLimit.truncated)
+
+Until ``learning_starts`` chunks have been collected, SAC acts as the pre-trained planner
+does, with x_S ~ N(0, I) clipped to the bound (``warmup=planner``), so its replay buffer
+starts from the planner's behaviour; ``warmup=uniform`` is SB3's own (uniform in the
+bound). Evaluation acts with SAC's deterministic noise through the planner at eta = 0
+(``SteeredPlanner``), on the reset seeds of every method's evaluations, so results pair
+with PPO + BC's; the evaluation before fine-tuning is the planner's own.
+
+A run directory holds the usual ``checkpoints/latest.ckpt`` (the planner, SAC's actor to
+act with, the run's record), and SB3's whole model and replay buffer under ``sac/``
+(written atomically at the same moments), so a killed run resumes where its last
+checkpoint stood: episodes then in flight are lost, none is repeated. Checkpoints, and
+evaluations, fall at episode boundaries (every environment's episode ends on the same
+chunk: fixed-length episodes in lockstep).
+
+Shapes: E environments, G the feature width (To x encoder width), Tp predicted steps,
+Da action dim, A = Tp x Da SAC's action width.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sodp3d.errors import UserError
+from sodp3d.policy import DiffusionPolicy
+
+WARMUPS = ("planner", "uniform")
+
+
+def check_noise_sac(c: DictConfig | dict) -> None:
+    """One line for each bad setting, before anything is written."""
+    get = c.get
+    bound = get("noise_bound")
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
+        raise UserError(f"noise_sac.noise_bound must be a positive number (the bound on SAC's noise), got {bound!r}")
+    for key, low in (("gradient_steps", 1), ("batch_size", 1), ("buffer_size", 1), ("learning_starts", 0),
+                     ("checkpoint_every", 1)):
+        v = get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            what = "gradient steps per environment step (per chunk of every env)" if key == "gradient_steps" else key
+            raise UserError(f"noise_sac.{key} must be an integer >= {low} ({what}), got {v!r}")
+    if str(get("warmup")) not in WARMUPS:
+        raise UserError(f"unknown noise_sac.warmup={get('warmup')}; valid: {', '.join(WARMUPS)}")
+    arch = get("net_arch")
+    if not arch or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in arch):
+        raise UserError(f"noise_sac.net_arch must list positive layer widths, e.g. [256, 256], got {arch!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Acting: the planner steered by a noise policy
+class SteeredPlanner:
+    """A frozen planner acting from the noise a noise policy gives: ``predict_action`` as
+    DiffusionPolicy's, so ``sodp3d eval``, ``viz`` and the evaluations use it unchanged.
+    ``noise_fn(features (B, G)) -> x_S (B, Tp, Da)``; every other attribute is the planner's."""
+
+    def __init__(self, planner: DiffusionPolicy, noise_fn):
+        self.planner = planner
+        self.noise_fn = noise_fn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.planner, name)
+
+    def eval(self) -> "SteeredPlanner":
+        self.planner.eval()
+        return self
+
+    @torch.no_grad()
+    def predict_action(self, obs: dict[str, Any], generator: torch.Generator | None = None,
+                       sampler=None) -> dict[str, torch.Tensor]:
+        cond = self.planner.condition(obs)
+        return self.planner.predict_action(obs, generator, sampler=sampler, x_init=self.noise_fn(cond), cond=cond)
+
+
+def actor_noise_fn(actor, bound: float, horizon: int, action_dim: int):
+    """SAC's deterministic noise: its actor's tanh-squashed mean, scaled to the bound."""
+    def noise(features: torch.Tensor) -> torch.Tensor:
+        scaled = actor(features.to(next(actor.parameters()).device), deterministic=True)
+        return (scaled * bound).reshape(-1, horizon, action_dim).to(features.device, torch.float32)
+
+    return noise
+
+
+def make_sac_policy(obs_dim: int, horizon: int, action_dim: int, bound: float, net_arch: list[int]):
+    """SB3's SAC policy network for these shapes (SAC's actor and critics, no training state)."""
+    from stable_baselines3.sac.policies import SACPolicy
+
+    return SACPolicy(_obs_space(obs_dim), _action_space(horizon, action_dim, bound), lambda _: 3e-4,
+                     net_arch=list(net_arch))
+
+
+def steered_from_payload(planner: DiffusionPolicy, payload: dict[str, Any]) -> SteeredPlanner:
+    """The acting policy of a noise-sac checkpoint: its planner, steered by its actor."""
+    n = payload["noise_policy"]
+    policy = make_sac_policy(int(n["obs_dim"]), int(n["horizon"]), int(n["action_dim"]), float(n["bound"]),
+                             list(n["net_arch"]))
+    policy.actor.load_state_dict(n["actor"], strict=True)
+    policy.actor.to(planner.device).eval()
+    return SteeredPlanner(planner, actor_noise_fn(policy.actor, float(n["bound"]), int(n["horizon"]),
+                                                  int(n["action_dim"])))
+
+
+def _obs_space(obs_dim: int) -> gym.spaces.Box:
+    return gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+
+
+def _action_space(horizon: int, action_dim: int, bound: float) -> gym.spaces.Box:
+    return gym.spaces.Box(-bound, bound, (horizon * action_dim,), np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# SAC's environment: noise in, the chunk's reward out
+def _vec_env_base():
+    from stable_baselines3.common.vec_env import VecEnv
+
+    return VecEnv
+
+
+class NoiseVecEnv(_vec_env_base()):
+    """SB3's VecEnv over the run's gymnasium vector env (SAME_STEP autoreset) and the frozen
+    planner: each step denoises the E noises in one batch, executes the chunks, and
+    returns the features of the next observation windows. Counts executed env steps and
+    keeps each finished episode's return and success."""
+
+    render_mode = None  # (SB3 asks its environments)
+
+    def __init__(self, planner: DiffusionPolicy, vec: gym.vector.VectorEnv, bound: float, seed_base: int):
+        self.planner, self.vec, self.bound = planner, vec, float(bound)
+        self.horizon, self.action_dim = planner.config.horizon, planner.action_dim
+        self.sampler = planner.ddim(0.0)
+        super().__init__(vec.num_envs, _obs_space(planner.cond_dim), _action_space(self.horizon, self.action_dim, bound))
+        self.seed_base, self.resets = int(seed_base), 0
+        self.env_steps = 0                      # executed, summed over the environments
+        self.finished: list[dict[str, Any]] = []  # {"return", "success"} per finished episode
+        self._ret = np.zeros(self.num_envs)
+        self._ok = np.zeros(self.num_envs, bool)
+        self._obs: dict[str, np.ndarray] | None = None
+        self._actions: np.ndarray | None = None
+        self.planner_seconds = 0.0
+
+    @torch.no_grad()
+    def features(self, obs: dict[str, Any]) -> np.ndarray:
+        return self.planner.condition({k: obs[k] for k in self.planner.obs_keys}).cpu().numpy().astype(np.float32)
+
+    def reset(self) -> np.ndarray:
+        seeds = [self.seed_base + self.resets * self.num_envs + j for j in range(self.num_envs)]
+        self.resets += 1
+        self._obs, _ = self.vec.reset(seed=seeds)
+        self._ret[:] = 0
+        self._ok[:] = False
+        return self.features(self._obs)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions, np.float32)
+
+    @torch.no_grad()
+    def chunks(self, obs: dict[str, Any], noise: np.ndarray) -> np.ndarray:
+        """The Ta actions the frozen planner executes from each noise (E, A), at eta = 0."""
+        x_init = torch.as_tensor(noise, device=self.planner.device).reshape(-1, self.horizon, self.action_dim)
+        out = self.planner.predict_action({k: obs[k] for k in self.planner.obs_keys}, sampler=self.sampler,
+                                          x_init=x_init)
+        return out["action"].cpu().numpy()
+
+    def step_wait(self):
+        t = time.perf_counter()
+        actions = self.chunks(self._obs, self._actions)
+        self.planner_seconds += time.perf_counter() - t
+        obs, reward, terminated, truncated, info = self.vec.step(actions)
+        done = terminated | truncated
+        final = info.get("final_info", {})
+        executed = np.where(done, final.get("executed", 0), info.get("executed", 0)).astype(int)
+        success = np.where(done, final.get("success", False), info.get("success", False)).astype(bool)
+        self.env_steps += int(executed.sum())
+        self._ret += reward
+        self._ok |= success
+        t = time.perf_counter()
+        features = self.features(obs)
+        infos: list[dict[str, Any]] = [{"executed": int(executed[i])} for i in range(self.num_envs)]
+        ended = np.nonzero(done)[0]
+        if len(ended):
+            last = info["final_obs"]
+            terminal = self.features({k: np.stack([last[i][k] for i in ended]) for k in self.planner.obs_keys})
+            for row, i in enumerate(ended):
+                infos[i]["terminal_observation"] = terminal[row]
+                infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+                self.finished.append({"return": float(self._ret[i]), "success": bool(self._ok[i])})
+                self._ret[i], self._ok[i] = 0.0, False
+        self.planner_seconds += time.perf_counter() - t
+        self._obs = obs
+        return features, reward.astype(np.float32), done, infos
+
+    def close(self) -> None:
+        self.vec.close()
+
+    # SB3's VecEnv interface beyond stepping: nothing here is a wrapper or has attributes to set.
+    def get_attr(self, attr_name, indices=None):
+        return [getattr(self, attr_name)] * len(self._get_indices(indices))
+
+    def set_attr(self, attr_name, value, indices=None):
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name, *args, indices=None, **kwargs):
+        raise NotImplementedError(method_name)
+
+    def env_is_wrapped(self, wrapper_class, indices=None):
+        return [False] * len(self._get_indices(indices))
+
+
+def _sac_class():
+    from stable_baselines3 import SAC
+
+    class NoiseSAC(SAC):
+        """SB3's SAC whose warm-up acts as the pre-trained planner: x_S ~ N(0, I), clipped."""
+
+        planner_warmup = True
+
+        def _sample_action(self, learning_starts, action_noise=None, n_envs=1):
+            if self.planner_warmup and self.num_timesteps < learning_starts:
+                bound = float(self.action_space.high[0])
+                noise = np.clip(self._warmup_rng.standard_normal((n_envs, self.action_space.shape[0])), -bound, bound)
+                noise = noise.astype(np.float32)
+                return noise, self.policy.scale_action(noise)
+            return super()._sample_action(learning_starts, action_noise, n_envs)
+
+    return NoiseSAC
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, pretrained: DiffusionPolicy,
+                  cloud_frame: str) -> dict[str, Any]:
+    """Fine-tune one task by SAC in the frozen planner's noise space; returns its summary
+    (the same record as PPO + BC's)."""
+    from stable_baselines3.common.callbacks import BaseCallback
+    from tqdm import tqdm
+
+    from sodp3d.checkpoint import load_checkpoint, save_checkpoint
+    from sodp3d.envs import make_vector_env
+    from sodp3d.evaluate import check_policy_fits
+    from sodp3d.files import atomic_write
+    from sodp3d.runs import RunLogger, refuse_existing
+
+    from .command import eval_etas, refuse_other_method
+    from .evaluations import eval_value, new_state, record_evaluation, task_summary
+
+    c = cfg.noise_sac
+    planner = pretrained  # frozen: never trained here
+    check_policy_fits(planner, task, cfg.env)
+    ckpt, sac_dir = run / "checkpoints" / "latest.ckpt", run / "sac"
+    state = new_state()
+    state["sac"] = {"resets": 0, "episodes": 0}
+    if ckpt.exists():
+        refuse_existing(run, True, bool(cfg.resume), "a fine-tuning run")
+        payload = load_checkpoint(ckpt, map_location=device)
+        refuse_other_method(payload, "noise-sac", ckpt)
+        state = payload["finetune_state"]
+    etas = eval_etas(cfg)
+    samplers = [planner.ddim(e, float(cfg.algo.min_std)) for e in etas]
+    bound, G = float(c.noise_bound), int(c.gradient_steps)
+
+    def summary(final: float | None, updates: int) -> dict[str, Any]:
+        return task_summary(state, task, "noise-sac", str(cfg.init), etas, updates, final, method="noise-sac")
+
+    done = eval_value(state, "final", etas[0])
+    if done is not None and state["env_steps"] >= int(cfg.env_steps):
+        return summary(done, len(state["history"]))
+    run.mkdir(parents=True, exist_ok=True)
+    logger = RunLogger(run, cfg, f"{run.parent.name}-{task}")
+    E = int(cfg.num_envs)
+    layout = dict(mode=str(cfg.get("vector_env", "auto")), workers=cfg.get("env_workers"),
+                  point_cloud=planner.reads_camera, n_obs_steps=planner.config.n_obs_steps,
+                  n_action_steps=planner.config.n_action_steps)
+    mode = layout["mode"] if layout["mode"] != "workers" else "auto"  # SAME_STEP autoreset: sync or async
+    train_vec = make_vector_env(task, E, cfg.env, **{**layout, "mode": mode},
+                                autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    eval_vec = make_vector_env(task, E, cfg.env, **layout)
+    env = NoiseVecEnv(planner, train_vec, bound, int(cfg.seed) * 1_000_003)
+    env.resets, env.env_steps = int(state["sac"]["resets"]), int(state["env_steps"])
+    SAC = _sac_class()
+    kwargs = dict(learning_rate=float(c.learning_rate), buffer_size=int(c.buffer_size),
+                  learning_starts=int(c.learning_starts), batch_size=int(c.batch_size), tau=float(c.tau),
+                  gamma=float(c.gamma), train_freq=1, gradient_steps=G, ent_coef=c.ent_coef,
+                  target_entropy=c.target_entropy, device=device, seed=int(cfg.seed))
+    if (sac_dir / "model.zip").exists() and ckpt.exists():
+        model = SAC.load(sac_dir / "model.zip", env=env, device=device, custom_objects={"learning_rate": kwargs["learning_rate"]})
+        model.load_replay_buffer(sac_dir / "replay_buffer.pkl")
+    else:
+        model = SAC("MlpPolicy", env, policy_kwargs={"net_arch": list(c.net_arch)}, **kwargs)
+    model.planner_warmup = str(c.warmup) == "planner"
+    model._warmup_rng = np.random.default_rng([int(cfg.seed), int(state["sac"]["resets"])])
+    steered = SteeredPlanner(planner, actor_noise_fn(model.actor, bound, env.horizon, env.action_dim))
+    saved = {"at": f"env step {state['env_steps']}" if ckpt.exists() else None, "steps": state["env_steps"]}
+
+    def save() -> None:
+        state["sac"].update(resets=env.resets)
+        sac_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(sac_dir / "model.zip") as tmp:
+            model.save(tmp)
+        with atomic_write(sac_dir / "replay_buffer.pkl") as tmp:
+            model.save_replay_buffer(tmp)
+        noise_policy = {"actor": model.actor.state_dict(), "obs_dim": planner.cond_dim, "horizon": env.horizon,
+                        "action_dim": env.action_dim, "bound": bound, "net_arch": list(c.net_arch)}
+        save_checkpoint(ckpt, {"policy_config": planner.config.to_dict(), "policy": planner.state_dict(),
+                               "task": task, "cloud_frame": cloud_frame, "method": "noise-sac",
+                               "noise_policy": noise_policy, "train_config": OmegaConf.to_container(cfg, resolve=True),
+                               "finetune_state": state}, last_good=saved["at"])
+        saved.update(at=f"env step {state['env_steps']}", steps=state["env_steps"])
+
+    budget = int(cfg.env_steps)
+    every = int(cfg.eval.every_env_steps)
+    bar = tqdm(total=budget, initial=min(state["env_steps"], budget), desc=f"finetune {task} (noise-sac)",
+               unit="step", dynamic_ncols=True)
+    clock = {"t": time.perf_counter(), "steps": state["env_steps"], "planner": 0.0, "grad": 0}
+
+    class Progress(BaseCallback):
+        """Counts env steps; at each episode boundary logs the episodes, evaluates and saves
+        when due; stops at the first boundary past the budget."""
+
+        def _on_step(self) -> bool:
+            before = state["env_steps"]
+            state["env_steps"] = env.env_steps
+            bar.update(max(0, min(state["env_steps"], budget) - min(before, budget)))
+            if not np.all(self.locals["dones"]):
+                return True
+            episodes, env.finished = env.finished, []
+            state["sac"]["episodes"] += len(episodes)
+            now = time.perf_counter()
+            vals = model.logger.name_to_value
+            entry = {"update": len(state["history"]) + 1, "env_steps": state["env_steps"],
+                     "success_rate": float(np.mean([e["success"] for e in episodes])),
+                     "mean_return": float(np.mean([e["return"] for e in episodes])), "episodes": len(episodes),
+                     "gradient_steps": int(model._n_updates),
+                     "replay_buffer": int(model.replay_buffer.size()) * env.num_envs,  # chunks (a row holds every env's)
+                     "env_steps_per_s": (state["env_steps"] - clock["steps"]) / max(now - clock["t"], 1e-9),
+                     "planner_share": (env.planner_seconds - clock["planner"]) / max(now - clock["t"], 1e-9),
+                     "warmup": float(model.num_timesteps < model.learning_starts),
+                     **{k.split("/")[-1]: float(v) for k, v in vals.items() if k.startswith("train/")}}
+            clock.update(t=now, steps=state["env_steps"], planner=env.planner_seconds)
+            state["history"].append(entry)
+            logger.log(entry, state["env_steps"])
+            bar.set_postfix(success=f"{entry['success_rate']:.2f}", buffer=entry["replay_buffer"])
+            last_eval = state["evals"][-1]["env_steps"] if state["evals"] else 0
+            finished = state["env_steps"] >= budget
+            if (int(cfg.eval.episodes) > 0 and every > 0 and state["env_steps"] - last_eval >= every and not finished):
+                record_evaluation(state, steered, task, cfg, etas, samplers, eval_vec, logger, "periodic")
+            if finished or state["env_steps"] - saved["steps"] >= int(c.checkpoint_every):
+                save()
+            return not finished
+
+    try:
+        if state["pretrained_eval"] is None:
+            if int(cfg.eval.episodes) > 0:  # the planner's own evaluation: every method's "before"
+                state["pretrained_eval"] = record_evaluation(state, planner, task, cfg, etas, samplers, eval_vec,
+                                                             logger, "initial")
+            save()
+        if state["env_steps"] < budget:
+            model.learn(total_timesteps=10 ** 12, callback=Progress(), reset_num_timesteps=False, progress_bar=False)
+        final = record_evaluation(state, steered, task, cfg, etas, samplers, eval_vec, logger, "final") \
+            if int(cfg.eval.episodes) > 0 else None
+        save()
+    finally:
+        bar.close()
+        env.close()
+        eval_vec.close()
+        logger.close()
+    return summary(final, len(state["history"]))
