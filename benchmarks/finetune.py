@@ -3,6 +3,8 @@ loop against two bare baselines measured in the same run.
 
     python benchmarks/finetune.py [--task button-press-topdown-v3] [--rounds 3] [--preset tiny]
                                   [--reg bc] [--device cpu] [--profile N] [override ...]
+    python benchmarks/finetune.py --state [--envs 8 32 64]      # no camera: layouts, the loop at mt10-state's setting
+    python benchmarks/finetune.py --method noise-sac            # SAC in the planner's noise space
 
 On a GPU, the paper's settings (its U-Net, algorithm, 512 points from 128x128 depth) with
 16 environments:
@@ -170,12 +172,17 @@ def main() -> None:
                         help="state observations, no camera: the vector-env layouts at --envs environments, and the "
                              "fine-tuning loop at the study's setting (experiment=mt10-state); see state_main")
     parser.add_argument("--envs", type=int, nargs="+", default=[8, 32, 64], help="--state: numbers of environments")
+    parser.add_argument("--method", default="ppo", choices=["ppo", "noise-sac"],
+                        help="noise-sac: SAC in the planner's noise space at the demo's observations (noise_sac_main)")
+    parser.add_argument("--chunks", type=int, default=2000, help="--method noise-sac: chunks to time after the warm-up")
     parser.add_argument("--layouts", nargs="+", default=["sync", "async", "workers"],
                         help="--state: vector-env layouts to time (workers: 2 processes)")
     parser.add_argument("overrides", nargs="*", help="demo config overrides, e.g. env.metaworld.num_points=512")
     args = parser.parse_args()
     if args.state:
         return state_main(args)
+    if args.method == "noise-sac":
+        return noise_sac_main(args)
     cfg = compose("demo", [f"reg={args.reg}", *args.overrides])
     env_cfg, algo, E = cfg.env, cfg.algo, int(cfg.finetune.num_envs)
     keep_host_memory()  # as `sodp3d finetune` does
@@ -346,6 +353,72 @@ def cpu_table(rows: list[dict]) -> None:
     print(f"sampling + update / environments: {(per['cpu_sampling'] + per['cpu_update']) / per['cpu_workers']:.2f} "
           f"(0.5x the ceiling needs <= 1 where the ceiling keeps all {cores} cores busy; it used "
           f"{ceiling / wall:.1f} of them)")
+
+
+# ---------------------------------------------------------------------------------------
+# --method noise-sac: SAC in the frozen planner's noise space
+def noise_sac_main(args) -> None:
+    """The demo's observations (clouds rendered at the decision points) and ``finetune.num_envs``
+    environments, SAC acting in the noise of a frozen planner (noise_sac.* from the finetune
+    config, overrides as there with a ``noise_sac.`` prefix): env steps/s of the loop, SAC
+    gradient steps/s, and the shares of time in the planner (denoising and encoding), in
+    SAC's gradient steps and in the environments, against bare (one env, a depth render
+    every step) measured in the same run."""
+    import gymnasium as gym
+
+    from sodp3d.finetune.noise_sac import NoiseVecEnv, _sac_class
+
+    own = [o for o in args.overrides if o.startswith("noise_sac.")]
+    cfg = compose("demo", [o for o in args.overrides if not o.startswith("noise_sac.")])
+    c = compose("finetune", own).noise_sac
+    env_cfg, E = cfg.env, int(cfg.finetune.num_envs)
+    keep_host_memory()
+    bare = Bare(args.task, env_cfg)
+    planner = policy_for(bare, args.preset, args.encoder).eval()
+    vec = make_vector_env(args.task, E, env_cfg, mode="async", n_obs_steps=To, n_action_steps=Ta,
+                          autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    env = NoiseVecEnv(planner, vec, float(c.noise_bound), seed_base=0)
+    model = _sac_class()("MlpPolicy", env, learning_rate=float(c.learning_rate), learning_starts=int(c.learning_starts),
+                         batch_size=int(c.batch_size), gradient_steps=int(c.gradient_steps), device=args.device,
+                         policy_kwargs={"net_arch": list(c.net_arch)}, seed=0)
+    model._warmup_rng = np.random.default_rng(0)
+    timer = {"train": 0.0}
+    train = model.train
+
+    def timed_train(*a, **k):
+        t = time.perf_counter()
+        train(*a, **k)
+        timer["train"] += time.perf_counter() - t
+
+    model.train = timed_train
+    try:
+        model.learn(total_timesteps=int(c.learning_starts) + E)  # warm-up, workers up
+        b = bare.step(300)
+        bare_sps = 300 / b
+        steps0, planner0, grads0 = env.env_steps, env.planner_seconds, model._n_updates
+        timer["train"] = 0.0
+        t = time.perf_counter()
+        model.learn(total_timesteps=args.chunks, reset_num_timesteps=False)
+        wall = time.perf_counter() - t
+    finally:
+        env.close()
+        bare.close()
+    steps, grads = env.env_steps - steps0, model._n_updates - grads0
+    planner_s, train_s = env.planner_seconds - planner0, timer["train"]
+    sps = steps / wall
+    print(f"\nnoise-sac throughput, {args.task}: {E} envs, '{args.preset}' U-Net + {args.encoder} encoder (frozen), "
+          f"DDIM S={planner.config.num_inference_steps} eta 0; SAC net_arch {list(c.net_arch)}, batch {int(c.batch_size)}, "
+          f"{int(c.gradient_steps)} gradient steps per vector step; {args.chunks} chunks timed; {os.cpu_count()} CPUs, "
+          f"torch threads {torch.get_num_threads()}.\n")
+    print("| measure | value |")
+    print("|---|---:|")
+    print(f"| bare: 1 env, step + depth render every step | {bare_sps:.0f} env steps/s |")
+    print(f"| noise-sac loop | {sps:.0f} env steps/s ({sps / bare_sps:.2f}x bare) |")
+    print(f"| SAC gradient steps | {grads / wall:.1f} /s over the loop, {grads / max(train_s, 1e-9):.1f} /s in training |")
+    print(f"| share of the loop: SAC's gradient steps | {train_s / wall:.0%} |")
+    print(f"| share of the loop: the planner (features, denoising) | {planner_s / wall:.0%} |")
+    print(f"| share of the loop: environments and the rest | {1 - (train_s + planner_s) / wall:.0%} |")
+    print(f"\n12,000 env steps (the CPU grids' budget) take {12000 / sps / 60:.1f} min at this rate")
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,8 +8,11 @@
     workers  ``workers`` processes holding num_envs / workers environments each: the
              simulation spread over the cores without a process and a message per
              environment (for many cheap, state-only environments).
-    auto     async when the environments render, else what benchmarks/finetune.py
-             measured fastest for state-only ones (``AUTO_STATE``).
+    auto     async when the environments render; for state-only ones, ``workers`` with 2
+             processes (or ``workers`` of them when given) where that divides num_envs,
+             else sync: benchmarks/finetune.py --state measured workers fastest at 8-64
+             environments on 2 cores (1.5-1.9x one bare env, against 1.2-1.3x async and
+             0.9-1.0x sync; docs/benchmarks.md).
 
 ``workers`` is built from gymnasium's own pieces: an AsyncVectorEnv whose every
 "environment" is an ``EnvGroup``, a SyncVectorEnv of its members behind one gym.Env. The
@@ -34,7 +37,6 @@ from gymnasium.vector.utils import batch_space
 from sodp3d.errors import UserError
 
 MODES = ("auto", "sync", "async", "workers")
-AUTO_STATE = "sync"  # state-only environments: benchmarks/finetune.py --state (docs/benchmarks.md)
 
 
 def resolve_mode(mode: str, num_envs: int, workers: int | None, renders: bool) -> tuple[str, int]:
@@ -45,7 +47,11 @@ def resolve_mode(mode: str, num_envs: int, workers: int | None, renders: bool) -
     if mode not in MODES:
         raise UserError(f"unknown vector_env={mode}; valid: {', '.join(MODES)}")
     if mode == "auto":
-        mode = "async" if renders else AUTO_STATE
+        if renders:
+            mode = "async"
+        else:
+            k = workers if isinstance(workers, int) and not isinstance(workers, bool) and workers > 1 else 2
+            return ("workers", k) if num_envs > 1 and num_envs % k == 0 else ("sync", 1)
     if mode == "workers":
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise UserError(f"vector_env=workers needs env_workers, a positive integer, got {workers!r}")

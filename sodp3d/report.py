@@ -111,6 +111,8 @@ def _pretrained_label(rec: dict[str, Any], task: str) -> str:
 def _finetuned_label(rec: dict[str, Any]) -> str:
     if rec.get("variant"):
         return f"fine-tuned: {rec['variant']}"
+    if rec.get("method", "ppo") != "ppo":
+        return f"fine-tuned method={rec['method']} ({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
     return f"fine-tuned reg={rec['reg']} init={rec['init']} ({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
 
 

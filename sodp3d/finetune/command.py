@@ -181,6 +181,28 @@ METHODS = {
 }
 
 
+def help_text() -> str:
+    """The methods and the keys each reads, with their defaults (for --help)."""
+    from sodp3d.config import compose
+
+    cfg = compose("finetune", [])
+    algo = ", ".join(f"{k}={v}" for k, v in cfg.algo.items() if not isinstance(v, (dict, DictConfig)))
+    sac = ", ".join(f"{k}={v}" for k, v in cfg.noise_sac.items())
+    import textwrap
+
+    def item(name: str, text: str) -> str:
+        return textwrap.fill(text, 100, initial_indent=f"  {name:<11}", subsequent_indent=" " * 13)
+
+    return "\n".join([
+        "Methods (method=<name>):",
+        item("ppo", "PPO over the denoising chain plus a regulariser (the paper's); reads algo.* (algo=sodp by "
+                    f"default; algo=cpu, algo=large-batch): {algo}"),
+        item("noise-sac", "SAC (stable-baselines3) in the frozen planner's noise space: the planner denoises SAC's "
+                          f"x_S at eta 0; reads noise_sac.*: {sac}"),
+        "Both read task, env_steps, num_envs, vector_env, env_workers, eval.*, seed and resume.",
+    ])
+
+
 def refuse_other_method(payload: dict[str, Any], method: str, ckpt: Path) -> None:
     """A run's checkpoint is resumed by the method that made it, or refused in one line."""
     made = str(payload.get("method", "ppo"))

@@ -289,14 +289,21 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
     layout = dict(mode=str(cfg.get("vector_env", "auto")), workers=cfg.get("env_workers"),
                   point_cloud=planner.reads_camera, n_obs_steps=planner.config.n_obs_steps,
                   n_action_steps=planner.config.n_action_steps)
-    mode = layout["mode"] if layout["mode"] != "workers" else "auto"  # SAME_STEP autoreset: sync or async
+    # SB3 steps through an episode's end at once (gymnasium's SAME_STEP autoreset), which the
+    # workers layout does not give: SAC's environments are async where they render, else sync.
+    from sodp3d.envs.vector import resolve_mode
+
+    mode, _ = resolve_mode(layout["mode"], E, layout["workers"], planner.reads_camera)
+    mode = "sync" if mode == "workers" else mode
     train_vec = make_vector_env(task, E, cfg.env, **{**layout, "mode": mode},
                                 autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     eval_vec = make_vector_env(task, E, cfg.env, **layout)
     env = NoiseVecEnv(planner, train_vec, bound, int(cfg.seed) * 1_000_003)
     env.resets, env.env_steps = int(state["sac"]["resets"]), int(state["env_steps"])
     SAC = _sac_class()
-    kwargs = dict(learning_rate=float(c.learning_rate), buffer_size=int(c.buffer_size),
+    # SB3 allocates its replay buffer whole and saves it whole: no larger than the budget can fill.
+    budget_chunks = -(-int(cfg.env_steps) // planner.config.n_action_steps) + int(c.learning_starts) + 2 * E
+    kwargs = dict(learning_rate=float(c.learning_rate), buffer_size=min(int(c.buffer_size), budget_chunks),
                   learning_starts=int(c.learning_starts), batch_size=int(c.batch_size), tau=float(c.tau),
                   gamma=float(c.gamma), train_freq=1, gradient_steps=G, ent_coef=c.ent_coef,
                   target_entropy=c.target_entropy, device=device, seed=int(cfg.seed))
