@@ -206,7 +206,13 @@ def test_the_paper_tables_at_cpu_scale_are_planned_as_the_paper_runs_them():
     assert pre == ["pretrain/all-s0", "pretrain/all-s1", "pretrain/all-s2"]
     assert sorted(runs["pretrain/all-s0"].needs) == sorted(f"collect/{t}" for t in mt10)
     ft = [r for r in runs.values() if r.command == "finetune"]
-    assert sorted((r.cfg["task"], r.cfg["seed"]) for r in ft) == sorted((t, s) for t in mt10 for s in (0, 1, 2))
+    for variant in ("bc", "bc-only"):  # the paper's form and its control on every task
+        mine = [r for r in ft if r.id.split("/")[1] == variant]
+        assert sorted((r.cfg["task"], r.cfg["seed"]) for r in mine) == sorted((t, s) for t in mt10 for s in (0, 1, 2))
+    hard = ["pick-place-v3", "peg-insert-side-v3", "push-v3"]  # noise-sac: the tasks PPO + BC left at 0-1%
+    sac = [r for r in ft if r.id.split("/")[1] == "noise-sac"]
+    assert sorted((r.cfg["task"], r.cfg["seed"]) for r in sac) == sorted((t, s) for t in hard for s in (0, 1, 2))
+    assert all(r.cfg["method"] == "noise-sac" and r.cfg["noise_sac"]["gradient_steps"] == 40 for r in sac)
     assert all(r.needs == [f"pretrain/all-s{r.cfg['seed']}"] and r.cfg["eval"]["episodes"] == 50 for r in ft)
 
     targets = ["drawer-open-v3", "plate-slide-side-v3", "handle-pull-side-v3"]
@@ -216,10 +222,10 @@ def test_the_paper_tables_at_cpu_scale_are_planned_as_the_paper_runs_them():
     assert runs["pretrain/single-s1"].needs == ["collect/basketball-v3"]
     assert len(runs["pretrain/multi-s1"].needs) == 10
     ft = [r for r in runs.values() if r.command == "finetune"]
-    assert len(ft) == 3 * 3 * 3
+    assert len(ft) == 4 * 3 * 3
     for r in ft:
         variant = r.id.split("/")[1]
-        mixture = {"multi-task": "multi", "single-task": "single", "scratch": "multi"}[variant]
+        mixture = {"multi-task": "multi", "single-task": "single", "scratch": "multi", "noise-sac": "multi"}[variant]
         assert r.cfg["task"] in targets and r.needs == [f"pretrain/{mixture}-s{r.cfg['seed']}"]
         assert r.cfg["init"] == ("scratch" if variant == "scratch" else "pretrained")
 
@@ -239,3 +245,24 @@ def test_relative_paths_are_planned_as_absolute(tmp_path, monkeypatch):
         paths = [r.cfg.get(k) for k in ("out", "ckpt")] + str(r.cfg.get("data") or "").split(",")
         assert all(Path(p).is_absolute() for p in paths if p), (r.id, paths)
     assert {r.cfg["expert"]["path"] for r in runs if r.command == "collect"} == {str(tmp_path / "experts")}
+
+
+def test_a_variant_may_fine_tune_some_of_the_tasks_only():
+    """mt10-state: bc on all ten tasks; its control and DPPO's variants on three; a variant
+    naming a task the experiment does not fine-tune is one line."""
+    from sodp3d.config import compose
+    from sodp3d.envs.tasks import resolve_tasks
+    from sodp3d.errors import UserError
+    from sodp3d.sweep import plan
+
+    cfg = compose("sweep", ["experiment=mt10-state", "device=cpu"])
+    ft = [r for r in plan(cfg) if r.command == "finetune"]
+    by = {}
+    for r in ft:
+        by.setdefault(r.id.split("/")[1], set()).add(r.cfg["task"])
+    three = set(cfg.variants["bc-only"].tasks)
+    assert by["bc"] == set(resolve_tasks("mt10")) and len(three) == 3
+    assert by["bc-only"] == by["gae-bc"] == by["gae"] == three
+    assert all(r.cfg["env"]["metaworld"]["point_cloud"] is False and r.cfg["algo"]["update_epochs"] == 3 for r in ft)
+    with pytest.raises(UserError, match="variant 'bc-only' names tasks \\['basketball-v3'\\]"):
+        plan(compose("sweep", ["experiment=mt10-state", "device=cpu", "variants.bc-only.tasks=[basketball-v3]"]))
