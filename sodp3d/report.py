@@ -149,11 +149,12 @@ def _add_record(rec: dict[str, Any], f: Path, entries: dict[tuple, dict[str, Any
             if t.get("finetuned_success") is not None:
                 key = (_finetuned_label(rec), str(f), seed, t["task"])
                 start = t.get("pretrained_success")  # the same run's evaluation before its first update
+                eta = (rec.get("eval_etas") or [0.0])[0]
                 entries[key] = {"variant": key[0], "seed": seed, "task": t["task"],
                                 "success": float(t["finetuned_success"]), "return": t.get("finetuned_return"),
                                 "start": None if start is None else float(start),
                                 "history": t.get("history"), "evals": t.get("evals"),
-                                "eta": (rec.get("eval_etas") or [0.0])[0], "source": str(f)}
+                                "auc": area_under(t.get("evals") or [], eta), "eta": eta, "source": str(f)}
     else:
         metrics.append(rec["metric"])
         label = f"evaluated ({rec.get('encoder') or '?'}, {rec.get('unet') or '?'})"
@@ -266,6 +267,49 @@ def eval_curve(evals: list[dict[str, Any]], eta: float, key: str) -> tuple[np.nd
     return np.array(steps, float), np.array([points[x] for x in steps], float)
 
 
+def area_under(evals: list[dict[str, Any]], eta: float) -> float | None:
+    """The area under a run's evaluation success curve (before, periodic and final
+    evaluations; trapezoids over env steps), divided by its env-step span: the success
+    averaged along fine-tuning, in [0, 1]. None with fewer than two evaluations."""
+    x, y = eval_curve(evals, eta, "success_rate")
+    if len(x) < 2 or x[-1] <= x[0]:
+        return None
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
+
+
+def budgets(entries: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per fine-tuned variant, at each env-step count where all its runs were evaluated: the
+    success averaged over the tasks within each seed, as a cell (mean ± std across seeds)."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for v in dict.fromkeys(e["variant"] for e in entries if e["variant"].startswith("fine-tuned")):
+        runs = [e for e in entries if e["variant"] == v and e.get("evals")]
+        curves = {(e["seed"], e["task"]): dict(zip(*eval_curve(e["evals"], float(e.get("eta", 0.0)), "success_rate")))
+                  for e in runs}
+        common = set.intersection(*(set(c) for c in curves.values())) if curves else set()
+        seeds = sorted({s for s, _ in curves})
+        for x in sorted(common):
+            per_seed = [float(np.mean([curves[(s, t)][x] for t in tasks])) for s in seeds
+                        if all((s, t) in curves for t in tasks)]
+            if per_seed:
+                out.setdefault(v, {})[int(x)] = _cell(per_seed)
+    return out
+
+
+def budgets_markdown(b: dict[str, dict[int, dict[str, Any]]], auc: dict[str, dict[str, Any]]) -> list[str]:
+    steps = sorted({x for v in b.values() for x in v})
+    lines = ["", "Success along fine-tuning, averaged over the tasks within each seed, in %, mean ± std "
+             "across seeds, at each env-step count where every run of the variant was evaluated; and the area "
+             "under the success curve (the success averaged along fine-tuning):", "",
+             "| variant | " + " | ".join(f"{x / 1000:g}k" for x in steps) + " | area under the curve |",
+             "|---|" + "---:|" * (len(steps) + 1)]
+    for v, cells in b.items():
+        row = [f"{100 * cells[x]['mean']:.1f} ± {100 * cells[x]['std']:.1f}" if x in cells else "-" for x in steps]
+        a = auc.get(v, {}).get("average")
+        row.append("-" if a is None else f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f} (n={a['n']})")
+        lines.append(f"| {v} | " + " | ".join(row) + " |")
+    return lines
+
+
 CURVE_ROWS = ("evaluation success", "evaluation return", "training success rate")
 
 
@@ -290,14 +334,15 @@ def _curves(entries: list[dict[str, Any]], tasks: list[str]) -> dict[tuple[str, 
     return curves
 
 
-def paired(entries: list[dict[str, Any]], tasks: list[str], control: str) -> dict[str, Any]:
-    """Per fine-tuned variant other than ``control`` (a variant name): the success averaged
-    over the tasks minus the control's, seed by seed (seeds that ran every task in both)."""
+def paired(entries: list[dict[str, Any]], tasks: list[str], control: str, key: str = "success") -> dict[str, Any]:
+    """Per fine-tuned variant other than ``control`` (a variant name): ``key`` (the final
+    success, or "auc", the area under the success curve) averaged over the tasks minus the
+    control's, seed by seed (seeds that ran every task in both)."""
     label = f"fine-tuned: {control}"
     by: dict[str, dict[int, dict[str, float]]] = {}
     for e in entries:
-        if e["variant"].startswith("fine-tuned"):
-            by.setdefault(e["variant"], {}).setdefault(e["seed"], {})[e["task"]] = float(e["success"])
+        if e["variant"].startswith("fine-tuned") and e.get(key) is not None:
+            by.setdefault(e["variant"], {}).setdefault(e["seed"], {})[e["task"]] = float(e[key])
     if label not in by:
         raise UserError(f"control={control} names no fine-tuned variant of these runs; valid: "
                         f"{', '.join(v.removeprefix('fine-tuned: ') for v in by) or 'none'}")
@@ -311,7 +356,7 @@ def paired(entries: list[dict[str, Any]], tasks: list[str], control: str) -> dic
         if diffs:
             m, sd = _mean_std(list(diffs.values()))
             out[v] = {"per_seed": {str(s): d for s, d in sorted(diffs.items())}, "mean": m, "std": sd, "n": len(diffs)}
-    return {"control": label, "variants": out}
+    return {"control": label, "variants": out, "key": key}
 
 
 def gains(entries: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -342,7 +387,8 @@ def gains_markdown(g: dict[str, dict[str, dict[str, Any]]], tasks: list[str]) ->
 
 def paired_markdown(p: dict[str, Any]) -> list[str]:
     seeds = sorted({s for v in p["variants"].values() for s in v["per_seed"]}, key=int)
-    lines = ["", f"Paired differences against {p['control']}, success averaged over the tasks, in points "
+    what = "the area under the success curve" if p.get("key") == "auc" else "the final success"
+    lines = ["", f"Paired differences against {p['control']}, {what} averaged over the tasks, in points "
              "(variant minus control, same seed):", "",
              "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std (n) |",
              "|---|" + "---:|" * (len(seeds) + 1)]
@@ -375,15 +421,23 @@ def run(cfg, appendix: str = "") -> dict[str, Any]:
     gain = gains(entries, summary["tasks"])
     if gain:
         text += "\n" + "\n".join(gains_markdown(gain, summary["tasks"]))
+    along = budgets(entries, summary["tasks"])
+    ft_variants = [v for v in summary["variants"] if v.startswith("fine-tuned")]
+    auc = _cells([e for e in entries if e.get("auc") is not None], ft_variants, summary["tasks"], "auc")
+    if along:
+        text += "\n" + "\n".join(budgets_markdown(along, auc))
     pairs = paired(entries, summary["tasks"], str(cfg.control)) if cfg.get("control") else None
-    if pairs:
-        text += "\n" + "\n".join(paired_markdown(pairs))
+    pairs_auc = paired(entries, summary["tasks"], str(cfg.control), "auc") if cfg.get("control") else None
+    for p in (pairs, pairs_auc):
+        if p and p["variants"]:
+            text += "\n" + "\n".join(paired_markdown(p))
     if appendix:
         text += "\n" + appendix
     written = [str(write_text_atomic(out / "report.md", text + "\n")),
                str(write_text_atomic(out / "report.json", json.dumps(
                    {"metrics": metrics, "runs": [str(f) for f in files], "failed": failed, "gains": gain, "paired": pairs,
-                    **summary},
+                    "paired_auc": pairs_auc, "along": {v: {str(x): c for x, c in b.items()} for v, b in along.items()},
+                    "auc": auc, **summary},
                    indent=2)))]
     groups = summary["tasks"] + ["average"]
     series = {}

@@ -200,3 +200,38 @@ def test_paired_differences_and_evaluation_curves(tmp_path):
     assert "Paired differences against fine-tuned: bc-only" in text
     assert "| fine-tuned: bc | +20.0 | +5.0 | +12.5 ± 10.6 (n=2) |" in text
     assert main(["report", f"runs=[{root}]", f"out={out}", "control=nope"]) == 2
+
+
+def test_the_area_under_the_success_curve_and_success_along_fine_tuning(tmp_path):
+    """The area under a run's evaluation curve is its trapezoids over env steps divided by the
+    span (closed form); the budget table averages the tasks within a seed at each common
+    evaluation; the paired AUC table takes each variant minus the control, seed by seed."""
+    from sodp3d.report import area_under, budgets, load_entries, paired
+
+    evals = [{"tag": "initial", "eta": 0.0, "env_steps": 0, "success_rate": 0.2},
+             {"tag": "periodic", "eta": 0.0, "env_steps": 50, "success_rate": 0.6},
+             {"tag": "final", "eta": 0.0, "env_steps": 100, "success_rate": 1.0}]
+    assert area_under(evals, 0.0) == pytest.approx((0.4 * 50 + 0.8 * 50) / 100)
+    assert area_under(evals[:1], 0.0) is None
+
+    files = []
+    for variant, seed, lift in (("bc", 0, 0.1), ("bc", 1, 0.3), ("bc-only", 0, 0.0), ("bc-only", 1, 0.0)):
+        run = tmp_path / f"{variant}-s{seed}"
+        run.mkdir()
+        tasks = []
+        for task, start in (("reach-v3", 0.2), ("push-v3", 0.4)):
+            ev = [{"tag": t, "eta": 0.0, "env_steps": x, "success_rate": start + lift * x / 100}
+                  for t, x in (("initial", 0), ("periodic", 50), ("final", 100))]
+            tasks.append({"task": task, "pretrained_success": start, "finetuned_success": start + lift,
+                          "history": [{"env_steps": 100, "success_rate": 0.5}], "evals": ev})
+        record = {"kind": "finetune", "metric": "m", "seed": seed, "reg": "bc", "init": "pretrained",
+                  "variant": variant, "ckpt": "pre", "tasks": tasks}
+        (run / "results.json").write_text(json.dumps(record))
+        files.append(run / "results.json")
+    entries, _ = load_entries(files)
+    b = budgets(entries, ["reach-v3", "push-v3"])
+    # bc at 50k steps: seed 0 averages 0.35, seed 1 0.45 -> 0.40 +- 0.0707
+    assert b["fine-tuned: bc"][50]["mean"] == pytest.approx(0.40) and b["fine-tuned: bc"][50]["n"] == 2
+    p = paired(entries, ["reach-v3", "push-v3"], "bc-only", "auc")
+    # the AUC of a linear rise by `lift` is start + lift / 2: bc minus bc-only = 0.05 and 0.15
+    assert p["variants"]["fine-tuned: bc"]["per_seed"] == pytest.approx({"0": 0.05, "1": 0.15})
