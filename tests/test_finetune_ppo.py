@@ -100,6 +100,35 @@ def test_bandit_finetuning_raises_reward(pretrained_state, reg, sign):
     end = float(after.reward.mean())
     assert end > 0.5 and end > start + 0.4, f"mean reward {start:.2f} -> {end:.2f} (rounds: {history})"
 
+def test_ppo_alone_at_the_large_batch_setting_raises_reward_and_starts_at_ratio_one(pretrained_state):
+    """algo=large-batch's regime (PPO epochs over the whole batch in shuffled minibatches,
+    clip 0.01) with no regulariser: the first minibatch's ratios are 1 (one epoch, one
+    minibatch: the statistics of that step alone), and over a few updates the bandit's
+    reward rises instead of collapsing (the update's sign)."""
+    import yaml
+    from pathlib import Path
+
+    preset = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "algo" / "large-batch.yaml").read_text())
+    policy = pretrained_policy(pretrained_state)
+    gen = torch.Generator().manual_seed(1)
+    reward = mode_reward(+1)
+    first = FineTuner(copy.deepcopy(policy), algo(reg="none", update_epochs=1, batch_size=256 * S, clip=preset["clip"],
+                                                  lr=preset["lr"]), CPU, seed=0)
+    ro, _ = sample_rollout(first, const_obs(256), gen, reward)
+    stats = first.update(ro, episodes=1)
+    assert stats["gradient_steps"] == 1 and abs(stats["ratio_min"] - 1) < 1e-4 and abs(stats["ratio_max"] - 1) < 1e-4
+
+    # (lr 1e-3 instead of the preset's 1e-4: four updates instead of the hundred of a 1M-step run)
+    ft = FineTuner(policy, algo(reg="none", update_epochs=preset["update_epochs"], batch_size=32 * S,
+                                clip=preset["clip"], lr=1e-3), CPU, seed=0)
+    start = float(sample_rollout(ft, const_obs(256), gen, reward)[0].reward.mean())
+    for _ in range(4):
+        ro, _ = sample_rollout(ft, const_obs(256), gen, reward)  # 256 chunks: 8 minibatches of 32, 3 epochs
+        assert ft.update(ro, episodes=1)["gradient_steps"] == 3 * 8
+    end = float(sample_rollout(ft, const_obs(256), gen, reward)[0].reward.mean())
+    assert end > start + 0.3, f"mean reward {start:.2f} -> {end:.2f}"
+
+
 # ----------------------------------------------------------------------------- PPO
 
 
