@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sodp3d.data.store import EpisodeDataset, EpisodeWriter, inspect_path
 from sodp3d.errors import UserError
-from sodp3d.files import is_write_failure, write_failed
+from sodp3d.files import reraise_write_failure
 from sodp3d.locks import writer_lock
 
 from .expert_source import check_expert, expert_provenance, run_expert_jobs
@@ -182,11 +182,9 @@ def _collect_locked(cfg: DictConfig, out: str, tasks: list[str], episodes: int, 
                 try:
                     writer.append_episode(result["episode"], result["task"], result["meta"])
                 except OSError as e:
-                    if not is_write_failure(e):
-                        raise
                     n = writer.n_episodes
                     kept = f"its {n} committed episode{' is' if n == 1 else 's are'} intact"
-                    raise write_failed(out, e, f"{kept}; run the same command again to continue") from None
+                    reraise_write_failure(e, out, f"{kept}; run the same command again to continue")
                 successes += int(result["meta"]["success"])
                 steps += len(result["episode"]["action"])
                 bar.update(1)

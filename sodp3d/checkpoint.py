@@ -81,10 +81,12 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], last_good: str | 
         stale.unlink(missing_ok=True)
 
 
-def _intact(path: Path, last_good: str | None) -> str:
+def _intact(path: Path, label: str | None) -> str:
+    from sodp3d.files import last_good
+
     if not path.exists():
         return "no checkpoint was written before"
-    return f"the last good checkpoint, {last_good}, is {path}" if last_good else f"the last good checkpoint is {path}"
+    return last_good(label, path) if label else f"the last good checkpoint is {path}"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -148,15 +148,15 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as e:
-        from sodp3d.files import is_write_failure, write_failed
+    except OSError as e:  # a write no command caught: one line with the path and the cause
+        from sodp3d.files import reraise_write_failure
 
-        if not is_write_failure(e):
-            raise
-        if _rank_zero():  # a write no command caught: one line with the path and the cause
-            print(f"sodp3d {name}: error: {write_failed(e.filename or '(a file)', e, 'what was saved before this write is intact')}",
-                  file=sys.stderr)
-        return 1
+        try:
+            reraise_write_failure(e, "(a file)", "what was saved before this write is intact")
+        except UserError as line:
+            if _rank_zero():
+                print(f"sodp3d {name}: error: {line}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,19 @@ def is_write_failure(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in WRITE_ERRNOS
 
 
+def reraise_write_failure(e: OSError, place: str | Path, intact: str):
+    """Raise ``e`` again; a write failure as ``write_failed``'s one line instead: the file (or
+    ``place``), the cause, and ``intact`` (what is intact)."""
+    if is_write_failure(e):
+        raise write_failed(e.filename or place, e, intact) from None
+    raise e
+
+
+def last_good(saved: str | None, ckpt: str | Path) -> str:
+    """What a run's checkpoint leaves intact: "the last good checkpoint, <saved>, is <ckpt>"."""
+    return f"the last good checkpoint, {saved}, is {ckpt}" if saved else "no checkpoint was written"
+
+
 def write_failed(path: str | Path, error: OSError, intact: str) -> UserError:
     """The one line for a failed write: the path, the cause as the system says it ("no space
     left on device"), and what is intact."""

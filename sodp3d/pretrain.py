@@ -33,7 +33,7 @@ from sodp3d.checkpoint import load_checkpoint, save_checkpoint
 from sodp3d import distributed
 from sodp3d.data.windows import WindowDataset
 from sodp3d.errors import UserError
-from sodp3d.files import is_write_failure, write_failed
+from sodp3d.files import last_good, reraise_write_failure
 from sodp3d.locks import writer_lock
 from sodp3d.normalizer import MinMaxNormalizer
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
@@ -470,10 +470,7 @@ def _run(cfg: DictConfig, paths: list[str], run: Path, steps: int, val_ratio: fl
         checkpoint()
         raise
     except OSError as e:  # a log line, an evaluation's record or another file could not be written
-        if not is_write_failure(e):
-            raise
-        intact = f"the last good checkpoint, {saved['at']}, is {ckpt}" if saved["at"] else "no checkpoint was written"
-        raise write_failed(e.filename or run, e, intact) from None
+        reraise_write_failure(e, run, last_good(saved["at"], ckpt))
     finally:
         bar.close()
         logger.close()

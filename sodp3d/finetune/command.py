@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.checkpoint import load_checkpoint, save_checkpoint
 from sodp3d.data.store import WORLD_FRAME
 from sodp3d.errors import UserError
-from sodp3d.files import is_write_failure, write_failed
+from sodp3d.files import last_good, reraise_write_failure
 from sodp3d.locks import writer_lock
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
 from sodp3d.runs import RunLogger, keep_host_memory, refuse_existing, resolve_device, results_table, write_results
@@ -156,10 +156,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device,
         final = run_eval("final") if int(cfg.eval.episodes) > 0 else None
         save()
     except OSError as e:  # a log line or another file of the run could not be written
-        if not is_write_failure(e):
-            raise
-        intact = f"the last good checkpoint, {saved['at']}, is {ckpt}" if saved["at"] else "no checkpoint was written"
-        raise write_failed(e.filename or run, e, intact) from None
+        reraise_write_failure(e, run, last_good(saved["at"], ckpt))
     finally:
         bar.close()
         vec.close()

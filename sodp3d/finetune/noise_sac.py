@@ -256,7 +256,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
     from sodp3d.checkpoint import load_checkpoint, save_checkpoint
     from sodp3d.envs import make_vector_env
     from sodp3d.evaluate import check_policy_fits
-    from sodp3d.files import atomic_write
+    from sodp3d.files import atomic_write, last_good, reraise_write_failure
     from sodp3d.runs import RunLogger, refuse_existing
 
     from .command import eval_etas, refuse_other_method
@@ -384,6 +384,8 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
         final = record_evaluation(state, steered, task, cfg, etas, samplers, eval_vec, logger, "final") \
             if int(cfg.eval.episodes) > 0 else None
         save()
+    except OSError as e:  # a log line, SB3's model or buffer, or another file of the run could not be written
+        reraise_write_failure(e, run, last_good(saved["at"], ckpt))
     finally:
         bar.close()
         env.close()
