@@ -277,29 +277,36 @@ def area_under(evals: list[dict[str, Any]], eta: float) -> float | None:
     return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
 
 
-def budgets(entries: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
-    """Per fine-tuned variant, at each env-step count where all its runs were evaluated: the
-    success averaged over the tasks within each seed, as a cell (mean ± std across seeds)."""
+def budgets(entries: list[dict[str, Any]], tasks: list[str], points: int = 6) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per fine-tuned variant, at ``points`` env-step counts evenly spread from 0 to the
+    shortest run's last evaluation (the same counts for every variant; each run's curve
+    interpolated linearly between its evaluations): the success averaged over the tasks
+    within each seed, as a cell (mean ± std across seeds)."""
+    runs = [e for e in entries if e["variant"].startswith("fine-tuned") and e.get("evals")]
+    curves = {id(e): eval_curve(e["evals"], float(e.get("eta", 0.0)), "success_rate") for e in runs}
+    curves = {k: c for k, c in curves.items() if len(c[0]) >= 2}
+    if not curves:
+        return {}
+    end = min(x[-1] for x, _ in curves.values())
+    grid = np.unique(np.linspace(0, end, points).round().astype(int))
     out: dict[str, dict[int, dict[str, Any]]] = {}
-    for v in dict.fromkeys(e["variant"] for e in entries if e["variant"].startswith("fine-tuned")):
-        runs = [e for e in entries if e["variant"] == v and e.get("evals")]
-        curves = {(e["seed"], e["task"]): dict(zip(*eval_curve(e["evals"], float(e.get("eta", 0.0)), "success_rate")))
-                  for e in runs}
-        common = set.intersection(*(set(c) for c in curves.values())) if curves else set()
-        seeds = sorted({s for s, _ in curves})
-        for x in sorted(common):
-            per_seed = [float(np.mean([curves[(s, t)][x] for t in tasks])) for s in seeds
-                        if all((s, t) in curves for t in tasks)]
+    for v in dict.fromkeys(e["variant"] for e in runs):
+        at = {(e["seed"], e["task"]): np.interp(grid, *curves[id(e)]) for e in runs
+              if e["variant"] == v and id(e) in curves}
+        seeds = sorted({s for s, _ in at})
+        per_seed = [np.mean([at[(s, t)] for t in tasks], axis=0) for s in seeds if all((s, t) in at for t in tasks)]
+        for i, x in enumerate(grid):
             if per_seed:
-                out.setdefault(v, {})[int(x)] = _cell(per_seed)
+                out.setdefault(v, {})[int(x)] = _cell([float(p[i]) for p in per_seed])
     return out
 
 
 def budgets_markdown(b: dict[str, dict[int, dict[str, Any]]], auc: dict[str, dict[str, Any]]) -> list[str]:
     steps = sorted({x for v in b.values() for x in v})
     lines = ["", "Success along fine-tuning, averaged over the tasks within each seed, in %, mean ± std "
-             "across seeds, at each env-step count where every run of the variant was evaluated; and the area "
-             "under the success curve (the success averaged along fine-tuning):", "",
+             "across seeds, at env-step counts spread evenly up to the shortest run (each run's evaluations "
+             "interpolated linearly); and the area under the success curve (the success averaged along "
+             "fine-tuning, each run over its own evaluations):", "",
              "| variant | " + " | ".join(f"{x / 1000:g}k" for x in steps) + " | area under the curve |",
              "|---|" + "---:|" * (len(steps) + 1)]
     for v, cells in b.items():
