@@ -297,7 +297,16 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
     mode = "sync" if mode == "workers" else mode
     train_vec = make_vector_env(task, E, cfg.env, **{**layout, "mode": mode},
                                 autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    eval_vec = make_vector_env(task, E, cfg.env, **layout)
+
+    def evaluate(policy, tag: str) -> float:
+        """The evaluations' protocol in environments of their own, open only while they run
+        (E more worker processes that render cost memory: 0.6 GB each at the demo's settings)."""
+        eval_vec = make_vector_env(task, E, cfg.env, **layout)
+        try:
+            return record_evaluation(state, policy, task, cfg, etas, samplers, eval_vec, logger, tag)
+        finally:
+            eval_vec.close()
+
     env = NoiseVecEnv(planner, train_vec, bound, int(cfg.seed) * 1_000_003)
     env.resets, env.env_steps = int(state["sac"]["resets"]), int(state["env_steps"])
     SAC = _sac_class()
@@ -368,7 +377,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
             last_eval = state["evals"][-1]["env_steps"] if state["evals"] else 0
             finished = state["env_steps"] >= budget
             if (int(cfg.eval.episodes) > 0 and every > 0 and state["env_steps"] - last_eval >= every and not finished):
-                record_evaluation(state, steered, task, cfg, etas, samplers, eval_vec, logger, "periodic")
+                evaluate(steered, "periodic")
             if finished or state["env_steps"] - saved["steps"] >= int(c.checkpoint_every):
                 save()
             return not finished
@@ -376,19 +385,16 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
     try:
         if state["pretrained_eval"] is None:
             if int(cfg.eval.episodes) > 0:  # the planner's own evaluation: every method's "before"
-                state["pretrained_eval"] = record_evaluation(state, planner, task, cfg, etas, samplers, eval_vec,
-                                                             logger, "initial")
+                state["pretrained_eval"] = evaluate(planner, "initial")
             save()
         if state["env_steps"] < budget:
             model.learn(total_timesteps=10 ** 12, callback=Progress(), reset_num_timesteps=False, progress_bar=False)
-        final = record_evaluation(state, steered, task, cfg, etas, samplers, eval_vec, logger, "final") \
-            if int(cfg.eval.episodes) > 0 else None
+        final = evaluate(steered, "final") if int(cfg.eval.episodes) > 0 else None
         save()
     except OSError as e:  # a log line, SB3's model or buffer, or another file of the run could not be written
         reraise_write_failure(e, run, last_good(saved["at"], ckpt))
     finally:
         bar.close()
         env.close()
-        eval_vec.close()
         logger.close()
     return summary(final, len(state["history"]))
