@@ -118,7 +118,7 @@ def policy_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     payload = load_checkpoint(path)
     policy = policy_from_payload(payload, device, use_ema, source=str(path))
     if payload.get("noise_policy") is not None:
-        from sodp3d.finetune.noise_sac import steered_from_payload
+        from sodp3d.finetune.steering import steered_from_payload
 
         policy = steered_from_payload(policy, payload)
     return policy, payload

@@ -85,18 +85,21 @@ def test_help_lists_every_command_and_each_commands_groups(capsys):
     for name in ("demo", "collect", "pretrain", "finetune", "eval", "viz", "sweep", "report"):
         assert f"\n  {name} " in top
     assert set(COMMANDS) == {"demo", "collect", "pretrain", "finetune", "eval", "viz", "sweep", "report"}
-    expect = {"demo": ["env:", "encoder:", "policy:", "algo: cpu, sodp",
-                       "experiment: ablation-cpu, adroit-cpu, adroit-paper, finetune-cpu, image-vs-dp3-cpu, mt10-cpu, mt10-paper, smoke, transfer-cpu", "Tasks"],
+    expect = {"demo": ["env:", "encoder:", "policy:", "algo: cpu, large-batch, sodp",
+                       "experiment: ablation-cpu, adroit-cpu, adroit-paper, finetune-cpu, image-vs-dp3-cpu, mt10-cpu, mt10-paper, mt10-state, smoke, transfer-cpu", "Tasks"],
               "pretrain": ["encoder: dp3, image, pointnet, state", "policy: paper, simple, tiny"],
-              "finetune": ["algo: cpu, sodp  (default: sodp)", "Tasks"], "report": ["runs:"],
+              "finetune": ["algo: cpu, large-batch, sodp  (default: sodp)", "Tasks"], "report": ["runs:"],
               "viz": ["ckpt:", "data:"], "eval": ["Tasks"], "collect": ["source:"],
               "sweep": ["Experiments (experiment=<name>):", "smoke: 8 runs (2 collect, 2 pretrain, 4 finetune)",
                         "variants bc, none", "ray:", "max_retries:",
-                        "finetune-cpu: 42 runs (3 collect, 3 pretrain, 36 finetune); seeds [0, 1, 2]; "
-                        "variants bc, bc-only, none, gae-bc",
-                        "mt10-cpu: 43 runs (10 collect, 3 pretrain, 30 finetune); seeds [0, 1, 2]; variants bc",
-                        "transfer-cpu: 43 runs (10 collect, 6 pretrain, 27 finetune); seeds [0, 1, 2]; "
-                        "variants multi-task, single-task, scratch; fine-tuned tasks drawer-open-v3, "
+                        "finetune-cpu: 60 runs (3 collect, 3 pretrain, 54 finetune); seeds [0, 1, 2]; "
+                        "variants bc, bc-only, none, gae-bc, noise-sac, noise-sac-uniform",
+                        "mt10-cpu: 82 runs (10 collect, 3 pretrain, 69 finetune); seeds [0, 1, 2]; "
+                        "variants bc, bc-only, noise-sac",
+                        "mt10-state: 79 runs (10 collect, 3 pretrain, 66 finetune); seeds [0, 1, 2]; "
+                        "variants bc, bc-only, gae-bc, gae, bc-only-1m, gae-bc-1m, bc-1m",
+                        "transfer-cpu: 52 runs (10 collect, 6 pretrain, 36 finetune); seeds [0, 1, 2]; "
+                        "variants multi-task, single-task, scratch, noise-sac; fine-tuned tasks drawer-open-v3, "
                         "plate-slide-side-v3, handle-pull-side-v3"]}
     for name, words in expect.items():
         assert main([name, "--help"]) == 0

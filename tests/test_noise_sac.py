@@ -75,7 +75,7 @@ def test_a_noise_policy_of_the_planners_own_draws_evaluates_as_the_planner(pretr
     gives its evaluation exactly; a zero-mean, exploration-free SAC actor acts as the
     planner from x_S = 0, on the same resets."""
     from sodp3d.evaluate import evaluate_task
-    from sodp3d.finetune.noise_sac import SteeredPlanner, actor_noise_fn, make_sac_policy
+    from sodp3d.finetune.steering import SteeredPlanner, actor_noise_fn, make_sac_policy
 
     planner = planner_of(pretrained)
     Tp, Da = planner.config.horizon, planner.action_dim

@@ -10,6 +10,7 @@
     ppo.py            the PPO update, top to bottom, with every diagnostic
     evaluations.py    the evaluations a run records (initial, periodic, final) and the task's summary
     noise_sac.py      method=noise-sac: SAC in the frozen planner's noise space (DSRL)
+    steering.py       the planner steered by a noise policy: how a noise-sac checkpoint acts
     command.py        ``sodp3d finetune``: methods, tasks, checkpoints, the record
 """
 

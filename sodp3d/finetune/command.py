@@ -29,7 +29,7 @@ from sodp3d.locks import writer_lock
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
 from sodp3d.runs import RunLogger, keep_host_memory, refuse_existing, resolve_device, results_table, write_results
 
-from .evaluations import eval_value, new_state, record_evaluation, task_summary
+from .evaluations import eval_etas, eval_value, new_state, record_evaluation, refuse_other_method, task_summary
 from .ppo import FineTuner, check_algo
 from .rollouts import Rollout, collect_rollout
 
@@ -198,22 +198,6 @@ def help_text() -> str:
                           f"x_S at eta 0; reads noise_sac.*: {sac}"),
         "Both read task, env_steps, num_envs, vector_env, env_workers, eval.*, seed and resume.",
     ])
-
-
-def refuse_other_method(payload: dict[str, Any], method: str, ckpt: Path) -> None:
-    """A run's checkpoint is resumed by the method that made it, or refused in one line."""
-    made = str(payload.get("method", "ppo"))
-    if made != method:
-        raise UserError(f"{ckpt} was made by method={made}; resume it with method={made}, or fine-tune into another out")
-
-
-def eval_etas(cfg: DictConfig) -> list[float]:
-    """The DDIM etas fine-tuning evaluates with (``eval.etas``); the first is the headline."""
-    etas = cfg.eval.get("etas", [0.0])
-    etas = [etas] if isinstance(etas, (int, float)) else list(etas)
-    if not etas or any(not isinstance(e, (int, float)) or not 0 <= e <= 1 for e in etas):
-        raise UserError(f"eval.etas must list DDIM etas in [0, 1] (0: deterministic, 1: as fine-tuning samples), got {etas}")
-    return [float(e) for e in etas]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

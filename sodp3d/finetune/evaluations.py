@@ -3,16 +3,22 @@
 the same reset seeds every time, so the points of a curve are paired) and the task's
 summary, which ``results.json`` holds and ``sodp3d report`` reads.
 
+It also holds what both methods check when a run starts or resumes: the etas to
+evaluate with, and that a checkpoint is resumed by the method that made it.
+
 ``state`` is the run's resumable record: {"env_steps", "history", "evals", "pretrained_eval"}.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+
+from sodp3d.errors import UserError
 
 
 def new_state() -> dict[str, Any]:
@@ -59,3 +65,19 @@ def record_evaluation(state: dict[str, Any], policy, task: str, cfg: DictConfig,
         logger.log({f"eval/success_rate{suffix}": rate, f"eval/mean_return{suffix}": ret}, state["env_steps"])
         rates.append(rate)
     return rates[0]
+
+
+def refuse_other_method(payload: dict[str, Any], method: str, ckpt: Path) -> None:
+    """A run's checkpoint is resumed by the method that made it, or refused in one line."""
+    made = str(payload.get("method", "ppo"))
+    if made != method:
+        raise UserError(f"{ckpt} was made by method={made}; resume it with method={made}, or fine-tune into another out")
+
+
+def eval_etas(cfg: DictConfig) -> list[float]:
+    """The DDIM etas fine-tuning evaluates with (``eval.etas``); the first is the headline."""
+    etas = cfg.eval.get("etas", [0.0])
+    etas = [etas] if isinstance(etas, (int, float)) else list(etas)
+    if not etas or any(not isinstance(e, (int, float)) or not 0 <= e <= 1 for e in etas):
+        raise UserError(f"eval.etas must list DDIM etas in [0, 1] (0: deterministic, 1: as fine-tuning samples), got {etas}")
+    return [float(e) for e in etas]

@@ -44,6 +44,10 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.errors import UserError
 from sodp3d.policy import DiffusionPolicy
 
+from .steering import SteeredPlanner, actor_noise_fn
+from .steering import action_space as _action_space
+from .steering import obs_space as _obs_space
+
 WARMUPS = ("planner", "uniform")
 
 
@@ -64,67 +68,6 @@ def check_noise_sac(c: DictConfig | dict) -> None:
     arch = get("net_arch")
     if not arch or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in arch):
         raise UserError(f"noise_sac.net_arch must list positive layer widths, e.g. [256, 256], got {arch!r}")
-
-
-# ---------------------------------------------------------------------------------------
-# Acting: the planner steered by a noise policy
-class SteeredPlanner:
-    """A frozen planner acting from the noise a noise policy gives: ``predict_action`` as
-    DiffusionPolicy's, so ``sodp3d eval``, ``viz`` and the evaluations use it unchanged.
-    ``noise_fn(features (B, G)) -> x_S (B, Tp, Da)``; every other attribute is the planner's."""
-
-    def __init__(self, planner: DiffusionPolicy, noise_fn):
-        self.planner = planner
-        self.noise_fn = noise_fn
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.planner, name)
-
-    def eval(self) -> "SteeredPlanner":
-        self.planner.eval()
-        return self
-
-    @torch.no_grad()
-    def predict_action(self, obs: dict[str, Any], generator: torch.Generator | None = None,
-                       sampler=None) -> dict[str, torch.Tensor]:
-        cond = self.planner.condition(obs)
-        return self.planner.predict_action(obs, generator, sampler=sampler, x_init=self.noise_fn(cond), cond=cond)
-
-
-def actor_noise_fn(actor, bound: float, horizon: int, action_dim: int):
-    """SAC's deterministic noise: its actor's tanh-squashed mean, scaled to the bound."""
-    def noise(features: torch.Tensor) -> torch.Tensor:
-        scaled = actor(features.to(next(actor.parameters()).device), deterministic=True)
-        return (scaled * bound).reshape(-1, horizon, action_dim).to(features.device, torch.float32)
-
-    return noise
-
-
-def make_sac_policy(obs_dim: int, horizon: int, action_dim: int, bound: float, net_arch: list[int]):
-    """SB3's SAC policy network for these shapes (SAC's actor and critics, no training state)."""
-    from stable_baselines3.sac.policies import SACPolicy
-
-    return SACPolicy(_obs_space(obs_dim), _action_space(horizon, action_dim, bound), lambda _: 3e-4,
-                     net_arch=list(net_arch))
-
-
-def steered_from_payload(planner: DiffusionPolicy, payload: dict[str, Any]) -> SteeredPlanner:
-    """The acting policy of a noise-sac checkpoint: its planner, steered by its actor."""
-    n = payload["noise_policy"]
-    policy = make_sac_policy(int(n["obs_dim"]), int(n["horizon"]), int(n["action_dim"]), float(n["bound"]),
-                             list(n["net_arch"]))
-    policy.actor.load_state_dict(n["actor"], strict=True)
-    policy.actor.to(planner.device).eval()
-    return SteeredPlanner(planner, actor_noise_fn(policy.actor, float(n["bound"]), int(n["horizon"]),
-                                                  int(n["action_dim"])))
-
-
-def _obs_space(obs_dim: int) -> gym.spaces.Box:
-    return gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
-
-
-def _action_space(horizon: int, action_dim: int, bound: float) -> gym.spaces.Box:
-    return gym.spaces.Box(-bound, bound, (horizon * action_dim,), np.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,8 +202,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
     from sodp3d.files import atomic_write, last_good, reraise_write_failure
     from sodp3d.runs import RunLogger, refuse_existing
 
-    from .command import eval_etas, refuse_other_method
-    from .evaluations import eval_value, new_state, record_evaluation, task_summary
+    from .evaluations import eval_etas, eval_value, new_state, record_evaluation, refuse_other_method, task_summary
 
     c = cfg.noise_sac
     planner = pretrained  # frozen: never trained here
