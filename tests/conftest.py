@@ -60,3 +60,22 @@ def reach():
     env = make_env("reach-v3")
     yield env
     env.close()
+
+
+# --------------------------------------------------------------------------------------
+# A tiny pre-trained run through the CLI, for modules that fine-tune, evaluate or resume.
+@pytest.fixture(scope="session")
+def collect_and_pretrain():
+    """``make(root, task, episodes, env, pretrain)``: ``sodp3d collect`` of ``episodes`` per
+    task into root/data.zarr, then ``sodp3d pretrain`` on it into root/pre (the overrides
+    given); returns the run dir. Module fixtures call it once."""
+    from sodp3d.cli import main
+
+    def make(root, task: str, episodes: int, env: list[str], pretrain: list[str]):
+        data = root / "data.zarr"
+        assert main(["collect", f"task={task}", f"episodes={episodes}", f"out={data}", "workers=1", *env]) == 0
+        run = root / "pre"
+        assert main(["pretrain", f"data={data}", f"out={run}", "device=cpu", "wandb.mode=disabled", *pretrain]) == 0
+        return run
+
+    return make

@@ -16,14 +16,9 @@ SMALL = ["num_envs=1", "algo.p_step=1", "algo.batch_size=20", "algo.bc_batch_siz
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ft")
-    data = root / "data.zarr"
-    assert main(["collect", "task=[reach-v3,push-v3]", "episodes=1", f"out={data}", "workers=1", *FAST_ENV]) == 0
-    run = root / "pre"
-    assert main(["pretrain", f"data={data}", f"out={run}", "policy=tiny", "steps=5", "batch_size=8", "device=cpu",
-                 "wandb.mode=disabled"]) == 0
-    return run
+def pretrained(tmp_path_factory, collect_and_pretrain) -> Path:
+    return collect_and_pretrain(tmp_path_factory.mktemp("ft"), "[reach-v3,push-v3]", 1, FAST_ENV,
+                                ["policy=tiny", "steps=5", "batch_size=8"])
 
 
 def finetune(pretrained, out, *extra):

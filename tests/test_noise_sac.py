@@ -26,14 +26,9 @@ pytestmark = pytest.mark.usefixtures("close_cached_envs")
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ns")
-    data = root / "d.zarr"
-    assert main(["collect", "task=reach-v3", "episodes=2", f"out={data}", "workers=1", *STATE_ENV]) == 0
-    run = root / "pre"
-    assert main(["pretrain", f"data={data}", f"out={run}", "policy=tiny", "encoder=state", "steps=4", "batch_size=8",
-                 "device=cpu", "wandb.mode=disabled"]) == 0
-    return run
+def pretrained(tmp_path_factory, collect_and_pretrain) -> Path:
+    return collect_and_pretrain(tmp_path_factory.mktemp("ns"), "reach-v3", 2, STATE_ENV,
+                                ["policy=tiny", "encoder=state", "steps=4", "batch_size=8"])
 
 
 def planner_of(pretrained: Path):

@@ -35,13 +35,9 @@ pytestmark = pytest.mark.usefixtures("close_cached_envs")
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("writers")
-    data = root / "data.zarr"
-    assert main(["collect", "task=reach-v3", "episodes=1", f"out={data}", "workers=1", *FAST_ENV]) == 0
-    run = root / "pre"
-    assert main(["pretrain", f"data={data}", f"out={run}", "steps=2", *PRE]) == 0
-    return run
+def pretrained(tmp_path_factory, collect_and_pretrain) -> Path:
+    return collect_and_pretrain(tmp_path_factory.mktemp("writers"), "reach-v3", 1, FAST_ENV,
+                                ["steps=2", "policy=tiny", "batch_size=8", "log_every=1"])
 
 
 def refused(capsys, rc: int, command: str, place: Path, pid: int) -> str:
