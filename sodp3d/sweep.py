@@ -468,9 +468,15 @@ def _run_locked(cfg: DictConfig, runs: list[Run], out: Path) -> dict[str, Any]:
     finished = [str(r.dir) for r in runs if r.command in ("finetune", "eval") and r.state == "done"]
     failed = [{"id": r.id, "error": r.error} for r in runs if r.state == "failed"]
     files: list[str] = [str(out / "sweep.json")]
+    control = cfg.get("control")
+    variants = sorted({r.id.split("/")[1] for r in runs if r.command == "finetune"})
+    if control and control not in variants:  # e.g. a grid run with its control left out ('~variants.<control>')
+        print(f"control={control} is not among this grid's variants ({', '.join(variants) or 'no fine-tuning'}); "
+              "the report pairs no variant with it")
+        control = None
     if finished:
         rep = report.run(OmegaConf.create({"runs": finished, "out": str(out / "report"), "failed": failed,
-                                           "control": cfg.get("control")}), appendix=stage_times(runs))
+                                           "control": control}), appendix=stage_times(runs))
         files += rep["files"]
     return {"kind": "sweep", "experiment": str(cfg.name), "out": str(out), "runs": len(runs),
             "done": sum(r.state == "done" for r in runs), "failed": failed, "skipped": counts["skipped"],

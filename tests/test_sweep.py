@@ -75,6 +75,16 @@ def test_a_finished_sweep_run_again_redoes_nothing(smoke, capsys):
     assert {r["id"]: r["seconds"] for r in sweep_state(smoke)["runs"]} == seconds
 
 
+def test_a_grid_run_without_its_control_still_reports(smoke, capsys):
+    """A sweep whose control variant was left out ('~variants.<control>') reports the
+    runs it has, unpaired, instead of failing after every run is done."""
+    assert main(["sweep", *SMOKE, f"root={smoke}", "+control=bc", "~variants.bc"]) == 0
+    out = capsys.readouterr().out
+    assert "control=bc is not among this grid's variants (none); the report pairs no variant with it" in out
+    report = (smoke / "demo-smoke" / "report" / "report.md").read_text()
+    assert "fine-tuned: none" in report and "Paired differences" not in report
+
+
 def _killed_run(root: Path) -> Path | None:
     """A fine-tuning run with a checkpoint and no results yet."""
     for d in (root / "demo-smoke" / "finetune").glob("*/*"):
