@@ -112,6 +112,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def refuse_other_method(payload: dict[str, Any], method: str, ckpt: Path) -> None:
+    """A run's checkpoint is resumed by the method that made it, or refused in one line."""
+    made = str(payload.get("method", "ppo"))
+    if made != method:
+        raise UserError(f"{ckpt} was made by method={made}; resume it with method={made}, or fine-tune into another out")
+
+
 def policy_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
     """(the policy of a checkpoint, ready to act (EMA weights when present), the payload).
     A checkpoint of ``method=noise-sac`` acts as its planner steered by its noise policy."""

@@ -295,9 +295,8 @@ def budgets(entries: list[dict[str, Any]], tasks: list[str], points: int = 6) ->
               if e["variant"] == v and id(e) in curves}
         seeds = sorted({s for s, _ in at})
         per_seed = [np.mean([at[(s, t)] for t in tasks], axis=0) for s in seeds if all((s, t) in at for t in tasks)]
-        for i, x in enumerate(grid):
-            if per_seed:
-                out.setdefault(v, {})[int(x)] = _cell([float(p[i]) for p in per_seed])
+        if per_seed:
+            out[v] = {int(x): _cell([float(p[i]) for p in per_seed]) for i, x in enumerate(grid)}
     return out
 
 

@@ -469,7 +469,7 @@ def _run_locked(cfg: DictConfig, runs: list[Run], out: Path) -> dict[str, Any]:
     failed = [{"id": r.id, "error": r.error} for r in runs if r.state == "failed"]
     files: list[str] = [str(out / "sweep.json")]
     control = cfg.get("control")
-    variants = sorted({r.id.split("/")[1] for r in runs if r.command == "finetune"})
+    variants = list(cfg.get("variants") or {})
     if control and control not in variants:  # e.g. a grid run with its control left out ('~variants.<control>')
         print(f"control={control} is not among this grid's variants ({', '.join(variants) or 'no fine-tuning'}); "
               "the report pairs no variant with it")

@@ -75,7 +75,7 @@ def collect_and_pretrain():
         data = root / "data.zarr"
         assert main(["collect", f"task={task}", f"episodes={episodes}", f"out={data}", "workers=1", *env]) == 0
         run = root / "pre"
-        assert main(["pretrain", f"data={data}", f"out={run}", "device=cpu", "wandb.mode=disabled", *pretrain]) == 0
+        assert main(["pretrain", f"data={data}", f"out={run}", *pretrain]) == 0
         return run
 
     return make

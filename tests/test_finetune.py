@@ -18,7 +18,7 @@ SMALL = ["num_envs=1", "algo.p_step=1", "algo.batch_size=20", "algo.bc_batch_siz
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, collect_and_pretrain) -> Path:
     return collect_and_pretrain(tmp_path_factory.mktemp("ft"), "[reach-v3,push-v3]", 1, FAST_ENV,
-                                ["policy=tiny", "steps=5", "batch_size=8"])
+                                ["policy=tiny", "steps=5", "batch_size=8", "device=cpu", "wandb.mode=disabled"])
 
 
 def finetune(pretrained, out, *extra):

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.usefixtures("close_cached_envs")
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, collect_and_pretrain) -> Path:
     return collect_and_pretrain(tmp_path_factory.mktemp("ns"), "reach-v3", 2, STATE_ENV,
-                                ["policy=tiny", "encoder=state", "steps=4", "batch_size=8"])
+                                ["policy=tiny", "encoder=state", "steps=4", "batch_size=8", "device=cpu",
+                                 "wandb.mode=disabled"])
 
 
 def planner_of(pretrained: Path):

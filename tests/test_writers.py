@@ -36,8 +36,7 @@ pytestmark = pytest.mark.usefixtures("close_cached_envs")
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, collect_and_pretrain) -> Path:
-    return collect_and_pretrain(tmp_path_factory.mktemp("writers"), "reach-v3", 1, FAST_ENV,
-                                ["steps=2", "policy=tiny", "batch_size=8", "log_every=1"])
+    return collect_and_pretrain(tmp_path_factory.mktemp("writers"), "reach-v3", 1, FAST_ENV, ["steps=2", *PRE])
 
 
 def refused(capsys, rc: int, command: str, place: Path, pid: int) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sodp3d.checkpoint import load_checkpoint, save_checkpoint
+from sodp3d.checkpoint import load_checkpoint, refuse_other_method, save_checkpoint
 from sodp3d.data.store import WORLD_FRAME
 from sodp3d.errors import UserError
 from sodp3d.files import last_good, reraise_write_failure
@@ -29,7 +29,7 @@ from sodp3d.locks import writer_lock
 from sodp3d.policy import DiffusionPolicy, PolicyConfig
 from sodp3d.runs import RunLogger, keep_host_memory, refuse_existing, resolve_device, results_table, write_results
 
-from .evaluations import eval_etas, eval_value, new_state, record_evaluation, refuse_other_method, task_summary
+from .evaluations import eval_etas, eval_value, new_state, record_evaluation, task_summary
 from .ppo import FineTuner, check_algo
 from .rollouts import Rollout, collect_rollout
 

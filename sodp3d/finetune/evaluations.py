@@ -3,15 +3,13 @@
 the same reset seeds every time, so the points of a curve are paired) and the task's
 summary, which ``results.json`` holds and ``sodp3d report`` reads.
 
-It also holds what both methods check when a run starts or resumes: the etas to
-evaluate with, and that a checkpoint is resumed by the method that made it.
+It also holds the etas both methods evaluate with (``eval_etas``).
 
 ``state`` is the run's resumable record: {"env_steps", "history", "evals", "pretrained_eval"}.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,13 +63,6 @@ def record_evaluation(state: dict[str, Any], policy, task: str, cfg: DictConfig,
         logger.log({f"eval/success_rate{suffix}": rate, f"eval/mean_return{suffix}": ret}, state["env_steps"])
         rates.append(rate)
     return rates[0]
-
-
-def refuse_other_method(payload: dict[str, Any], method: str, ckpt: Path) -> None:
-    """A run's checkpoint is resumed by the method that made it, or refused in one line."""
-    made = str(payload.get("method", "ppo"))
-    if made != method:
-        raise UserError(f"{ckpt} was made by method={made}; resume it with method={made}, or fine-tune into another out")
 
 
 def eval_etas(cfg: DictConfig) -> list[float]:

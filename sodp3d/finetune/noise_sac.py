@@ -44,9 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.errors import UserError
 from sodp3d.policy import DiffusionPolicy
 
-from .steering import SteeredPlanner, actor_noise_fn
-from .steering import action_space as _action_space
-from .steering import obs_space as _obs_space
+from .steering import SteeredPlanner, action_space, actor_noise_fn, obs_space
 
 WARMUPS = ("planner", "uniform")
 
@@ -90,7 +88,7 @@ class NoiseVecEnv(_vec_env_base()):
         self.planner, self.vec, self.bound = planner, vec, float(bound)
         self.horizon, self.action_dim = planner.config.horizon, planner.action_dim
         self.sampler = planner.ddim(0.0)
-        super().__init__(vec.num_envs, _obs_space(planner.cond_dim), _action_space(self.horizon, self.action_dim, bound))
+        super().__init__(vec.num_envs, obs_space(planner.cond_dim), action_space(self.horizon, self.action_dim, bound))
         self.seed_base, self.resets = int(seed_base), 0
         self.env_steps = 0                      # executed, summed over the environments
         self.finished: list[dict[str, Any]] = []  # {"return", "success"} per finished episode
@@ -196,13 +194,13 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm import tqdm
 
-    from sodp3d.checkpoint import load_checkpoint, save_checkpoint
+    from sodp3d.checkpoint import load_checkpoint, refuse_other_method, save_checkpoint
     from sodp3d.envs import make_vector_env
     from sodp3d.evaluate import check_policy_fits
     from sodp3d.files import atomic_write, last_good, reraise_write_failure
     from sodp3d.runs import RunLogger, refuse_existing
 
-    from .evaluations import eval_etas, eval_value, new_state, record_evaluation, refuse_other_method, task_summary
+    from .evaluations import eval_etas, eval_value, new_state, record_evaluation, task_summary
 
     c = cfg.noise_sac
     planner = pretrained  # frozen: never trained here
