@@ -96,8 +96,8 @@ def test_help_lists_every_command_and_each_commands_groups(capsys):
                         "variants bc, bc-only, none, gae-bc, noise-sac, noise-sac-uniform",
                         "mt10-cpu: 82 runs (10 collect, 3 pretrain, 69 finetune); seeds [0, 1, 2]; "
                         "variants bc, bc-only, noise-sac",
-                        "mt10-state: 79 runs (10 collect, 3 pretrain, 66 finetune); seeds [0, 1, 2]; "
-                        "variants bc, bc-only, gae-bc, gae, bc-only-1m, gae-bc-1m, bc-1m",
+                        "mt10-state: 88 runs (10 collect, 3 pretrain, 75 finetune); seeds [0, 1, 2]; "
+                        "variants bc, bc-only, gae-bc, gae, bc-only-1m, gae-bc-1m, noise-sac, bc-1m",
                         "transfer-cpu: 52 runs (10 collect, 6 pretrain, 36 finetune); seeds [0, 1, 2]; "
                         "variants multi-task, single-task, scratch, noise-sac; fine-tuned tasks drawer-open-v3, "
                         "plate-slide-side-v3, handle-pull-side-v3"]}
