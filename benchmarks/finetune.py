@@ -5,6 +5,7 @@ loop against two bare baselines measured in the same run.
                                   [--reg bc] [--device cpu] [--profile N] [override ...]
     python benchmarks/finetune.py --state [--envs 8 32 64]      # no camera: layouts, the loop at mt10-state's setting
     python benchmarks/finetune.py --method noise-sac            # SAC in the planner's noise space
+    python benchmarks/finetune.py --method noise-sac noise_sac.aliasing=true   # ... with noise aliasing
 
 On a GPU, the paper's settings (its U-Net, algorithm, 512 points from 128x128 depth) with
 16 environments:
@@ -366,6 +367,7 @@ def noise_sac_main(args) -> None:
     every step) measured in the same run."""
     import gymnasium as gym
 
+    from sodp3d.finetune.aliasing import aliased_sac
     from sodp3d.finetune.noise_sac import NoiseVecEnv, _sac_class
 
     own = [o for o in args.overrides if o.startswith("noise_sac.")]
@@ -378,11 +380,22 @@ def noise_sac_main(args) -> None:
     vec = make_vector_env(args.task, E, env_cfg, mode="async", n_obs_steps=To, n_action_steps=Ta,
                           autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     env = NoiseVecEnv(planner, vec, float(c.noise_bound), seed_base=0)
-    model = _sac_class()("MlpPolicy", env, learning_rate=float(c.learning_rate), learning_starts=int(c.learning_starts),
-                         batch_size=int(c.batch_size), gradient_steps=int(c.gradient_steps), device=args.device,
-                         policy_kwargs={"net_arch": list(c.net_arch)}, seed=0)
+    aliasing = bool(c.aliasing)
+    SAC = aliased_sac(_sac_class()) if aliasing else _sac_class()
+    extra = {"chunk_dim": Ta * planner.action_dim} if aliasing else {}
+    model = SAC("MlpPolicy", env, learning_rate=float(c.learning_rate), learning_starts=int(c.learning_starts),
+                batch_size=int(c.batch_size), gradient_steps=int(c.gradient_steps), device=args.device,
+                policy_kwargs={"net_arch": list(c.net_arch)}, seed=0, **extra)
     model._warmup_rng = np.random.default_rng(0)
-    timer = {"train": 0.0}
+    timer = {"train": 0.0, "denoise": 0.0}
+    if aliasing:  # the planner's calls inside aliasing's gradient steps, timed apart
+        def timed_denoise(*a, **k):
+            t = time.perf_counter()
+            out = env.chunks_of_features(*a, **k)
+            timer["denoise"] += time.perf_counter() - t
+            return out
+
+        model.denoise = timed_denoise
     train = model.train
 
     def timed_train(*a, **k):
@@ -396,7 +409,7 @@ def noise_sac_main(args) -> None:
         b = bare.step(300)
         bare_sps = 300 / b
         steps0, planner0, grads0 = env.env_steps, env.planner_seconds, model._n_updates
-        timer["train"] = 0.0
+        timer.update(train=0.0, denoise=0.0)
         t = time.perf_counter()
         model.learn(total_timesteps=args.chunks, reset_num_timesteps=False)
         wall = time.perf_counter() - t
@@ -408,7 +421,8 @@ def noise_sac_main(args) -> None:
     sps = steps / wall
     print(f"\nnoise-sac throughput, {args.task}: {E} envs, '{args.preset}' U-Net + {args.encoder} encoder (frozen), "
           f"DDIM S={planner.config.num_inference_steps} eta 0; SAC net_arch {list(c.net_arch)}, batch {int(c.batch_size)}, "
-          f"{int(c.gradient_steps)} gradient steps per vector step; {args.chunks} chunks timed; {os.cpu_count()} CPUs, "
+          f"{int(c.gradient_steps)} gradient steps per vector step{', noise aliasing' if aliasing else ''}; "
+          f"{args.chunks} chunks timed; {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}.\n")
     print("| measure | value |")
     print("|---|---:|")
@@ -417,6 +431,9 @@ def noise_sac_main(args) -> None:
     print(f"| SAC gradient steps | {grads / wall:.1f} /s over the loop, {grads / max(train_s, 1e-9):.1f} /s in training |")
     print(f"| share of the loop: SAC's gradient steps | {train_s / wall:.0%} |")
     print(f"| share of the loop: the planner (features, denoising) | {planner_s / wall:.0%} |")
+    if aliasing:
+        print(f"| share of the loop: the planner inside aliasing's gradient steps (part of SAC's) | "
+              f"{timer['denoise'] / wall:.0%} |")
     print(f"| share of the loop: environments and the rest | {1 - (train_s + planner_s) / wall:.0%} |")
     print(f"\n12,000 env steps (the CPU grids' budget) take {12000 / sps / 60:.1f} min at this rate")
 

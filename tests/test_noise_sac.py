@@ -56,6 +56,9 @@ def test_the_wrapper_denoises_a_noise_as_the_planners_sampler_bit_for_bit(pretra
         noise = torch.randn((3, planner.config.horizon, planner.action_dim), generator=torch.Generator().manual_seed(3))
         chunk = env.chunks(obs, noise.reshape(3, -1).numpy())
         np.testing.assert_array_equal(chunk, own["action"].numpy())
+        # Noise aliasing's map, from SAC's observation (the features) alone, is the same map.
+        flat = env.chunks_of_features(torch.as_tensor(features), noise.reshape(3, -1))
+        np.testing.assert_array_equal(flat.numpy(), chunk.reshape(3, -1))
         assert env.action_space.shape == (planner.config.horizon * planner.action_dim,)
         assert float(env.action_space.high[0]) == 1.5 and env.observation_space.shape == (planner.cond_dim,)
         # A step executes Ta env steps per env and returns the next windows' features.
@@ -148,8 +151,43 @@ def test_sac_learns_through_the_wrapper_where_the_best_noise_is_known():
     assert start < -0.3 and end > -0.03
 
 
-def test_a_killed_run_resumes_without_repeating_env_steps_and_its_checkpoint_acts(pretrained, tmp_path, monkeypatch,
-                                                                                     capsys):
+def test_noise_aliasing_fits_the_chunks_value_and_steers_the_noise_there():
+    """With aliasing the critic on executed chunks learns the closed-form reward, SAC's
+    noise critic learns that critic's value of the chunk each noise executes (the clip to
+    [-1, 1] maps many noises to one chunk), and the actor moves the noise towards the peak.
+    Tolerances: seeds 0-4 of this setting end within 0.10 (Q_A), 0.19 (Q_W against Q_A)
+    and 0.19 (the noise) of these targets; the bounds leave room over that spread, which
+    is far larger than any difference of float kernels between machines."""
+    from sodp3d.finetune.aliasing import aliased_sac
+    from sodp3d.finetune.noise_sac import NoiseVecEnv, _sac_class
+
+    vec = gym.vector.SyncVectorEnv([_Line] * 4, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    env = NoiseVecEnv(_Identity(), vec, 1.5, seed_base=0)
+    model = aliased_sac(_sac_class())("MlpPolicy", env, learning_starts=64, gradient_steps=2, batch_size=64,
+                                      learning_rate=3e-3, policy_kwargs={"net_arch": [32, 32]}, seed=0, device="cpu",
+                                      chunk_dim=2)
+    model.denoise = env.chunks_of_features
+    model._warmup_rng = np.random.default_rng(0)
+    model.learn(total_timesteps=1600)
+    start = np.mean([e["return"] for e in env.finished[:16]])
+    ones = torch.ones((6, 4))
+    with torch.no_grad():
+        chunks = torch.tensor([[-1.0, -1.0], [0.0, 0.0], [0.5, 0.5], [1.0, 1.0], [0.3, 0.7], [-0.5, 1.0]])
+        q_a = torch.min(torch.cat(model.action_critic(ones, chunks), 1), 1)[0]
+        np.testing.assert_allclose(q_a.numpy(), -((chunks - 0.5) ** 2).mean(1).numpy(), atol=0.15)
+        noises = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.5, 0.5, -1.0, 1.0], [1.4, 1.4, 0.0, 0.0], [-1.0, 0.5, 0.3, 0.3]])
+        q_w = torch.min(torch.cat(model.critic(ones[:4], noises / 1.5), 1), 1)[0]  # SB3 scales actions to [-1, 1]
+        of_chunk = torch.min(torch.cat(model.action_critic(ones[:4], noises[:, :2].clamp(-1, 1)), 1), 1)[0]
+        np.testing.assert_allclose(q_w.numpy(), of_chunk.numpy(), atol=0.3)
+    noise = model.predict(np.ones((1, 4), np.float32), deterministic=True)[0][0]
+    assert np.abs(noise[:2] - 0.5).max() < 0.3, noise
+    end = -float(np.mean((np.clip(noise[:2], -1, 1) - 0.5) ** 2))
+    assert start < -0.3 and end > -0.05
+
+
+@pytest.mark.parametrize("aliasing", [False, True])
+def test_a_killed_run_resumes_without_repeating_env_steps_and_its_checkpoint_acts(aliasing, pretrained, tmp_path,
+                                                                                     monkeypatch, capsys):
     from sodp3d.finetune import noise_sac
 
     out = tmp_path / "ns"
@@ -163,17 +201,24 @@ def test_a_killed_run_resumes_without_repeating_env_steps_and_its_checkpoint_act
         return original(self)
 
     monkeypatch.setattr(noise_sac.NoiseVecEnv, "step_wait", killed)
-    assert main(["finetune", f"ckpt={pretrained}", f"out={out}", "env_steps=192", *NS]) == 130
+    ns = [*NS, f"noise_sac.aliasing={str(aliasing).lower()}"]
+    assert main(["finetune", f"ckpt={pretrained}", f"out={out}", "env_steps=192", *ns]) == 130
     saved = load_checkpoint(out / "checkpoints" / "latest.ckpt")
     steps_then = saved["finetune_state"]["env_steps"]
     assert steps_then == 96 and saved["method"] == "noise-sac"
     assert (out / "sac" / "model.zip").is_file() and (out / "sac" / "replay_buffer.pkl").is_file()
     monkeypatch.setattr(noise_sac.NoiseVecEnv, "step_wait", original)
-    assert main(["finetune", f"ckpt={pretrained}", f"out={out}", "env_steps=192", "resume=true", *NS]) == 0
+    if aliasing:  # the chunk critic is saved with SB3's model, and the resumed run loads it (exact_match)
+        from stable_baselines3.common.save_util import load_from_zip_file
+
+        params = load_from_zip_file(out / "sac" / "model.zip")[1]
+        assert {"action_critic", "action_critic_target", "action_critic.optimizer"} <= set(params)
+    assert main(["finetune", f"ckpt={pretrained}", f"out={out}", "env_steps=192", "resume=true", *ns]) == 0
     final = load_checkpoint(out / "checkpoints" / "latest.ckpt")["finetune_state"]
     steps = [h["env_steps"] for h in final["history"]]
     # One history row per episode boundary (2 envs x 24 steps), none repeated, none lost after the checkpoint.
     assert steps == [48, 96, 144, 192] and final["env_steps"] == 192
+    assert all(("action_critic_loss" in h) == aliasing for h in final["history"][1:])  # trained from the 2nd episode
     record = json.loads((out / "results.json").read_text())
     assert record["method"] == "noise-sac" and record["tasks"][0]["finetuned_success"] is not None
     assert [e["tag"] for e in record["tasks"][0]["evals"]] == ["initial", "final"]
@@ -188,6 +233,7 @@ def test_a_killed_run_resumes_without_repeating_env_steps_and_its_checkpoint_act
     (["noise_sac.noise_bound=-1.5"], ["noise_sac.noise_bound must be a positive number"]),
     (["noise_sac.gradient_steps=0"], ["noise_sac.gradient_steps must be an integer >= 1"]),
     (["noise_sac.warmup=random"], ["unknown noise_sac.warmup=random", "planner, uniform"]),
+    (["noise_sac.aliasing=maybe"], ["noise_sac.aliasing must be true or false", "'maybe'"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(bad, words, pretrained, tmp_path, capsys):
     out = tmp_path / "bad"
@@ -213,3 +259,33 @@ def test_a_checkpoint_of_another_method_is_refused_on_resume(pretrained, tmp_pat
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("sodp3d")]
     assert rc == 2 and len(lines) == 1 and "was made by method=ppo; resume it with method=ppo" in lines[0], err
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_a_run_resumed_with_the_other_aliasing_setting_is_refused(pretrained, tmp_path, capsys):
+    out = tmp_path / "plain"
+    assert main(["finetune", f"ckpt={pretrained}", f"out={out}", "env_steps=48", *NS]) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    rc = main(["finetune", f"ckpt={pretrained}", f"out={out}", "env_steps=96", "resume=true", *NS,
+               "noise_sac.aliasing=true"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("sodp3d")]
+    assert rc == 2 and len(lines) == 1 and "was trained with noise_sac.aliasing=false" in lines[0], err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_aliasing_refuses_a_planner_with_a_frozen_prefix(pretrained, tmp_path, capsys):
+    """Aliasing runs the planner from SAC's features alone; a frozen prefix (algo.ft_denoising_steps)
+    reads the raw observation, so such a planner is refused in one line, before anything is written."""
+    ppo = tmp_path / "prefixed"
+    assert main(["finetune", f"ckpt={pretrained}", f"out={ppo}", "env_steps=48", "task=reach-v3", "num_envs=2",
+                 "algo.p_step=1", "algo.batch_size=20", "algo.bc_batch_size=8", "algo.n_init=2",
+                 "algo.ft_denoising_steps=4", "eval.episodes=0", "device=cpu", "wandb.mode=disabled",
+                 "env.metaworld.episode_length=24"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "ns"
+    rc = main(["finetune", f"ckpt={ppo}", f"out={out}", "env_steps=48", *NS, "noise_sac.aliasing=true"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("sodp3d")]
+    assert rc == 2 and len(lines) == 1 and "frozen prefix" in lines[0] and "aliasing=false" in lines[0], err
+    assert not out.exists()

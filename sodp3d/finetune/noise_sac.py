@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from sodp3d.errors import UserError
 from sodp3d.policy import DiffusionPolicy
 
+from .aliasing import aliased_sac
 from .steering import SteeredPlanner, action_space, actor_noise_fn, obs_space
 
 WARMUPS = ("planner", "uniform")
@@ -61,6 +62,9 @@ def check_noise_sac(c: DictConfig | dict) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             what = "gradient steps per environment step (per chunk of every env)" if key == "gradient_steps" else key
             raise UserError(f"noise_sac.{key} must be an integer >= {low} ({what}), got {v!r}")
+    if not isinstance(get("aliasing", False), bool):
+        raise UserError(f"noise_sac.aliasing must be true or false (noise aliasing: a critic on executed chunks, "
+                        f"distilled into the noise space), got {get('aliasing')!r}")
     if str(get("warmup")) not in WARMUPS:
         raise UserError(f"unknown noise_sac.warmup={get('warmup')}; valid: {', '.join(WARMUPS)}")
     arch = get("net_arch")
@@ -120,6 +124,16 @@ class NoiseVecEnv(_vec_env_base()):
         out = self.planner.predict_action({k: obs[k] for k in self.planner.obs_keys}, sampler=self.sampler,
                                           x_init=x_init)
         return out["action"].cpu().numpy()
+
+    @torch.no_grad()
+    def chunks_of_features(self, features: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The executed chunks (B, Ta x Da) of noises (B, A) from SAC's observations (the
+        encoder's features) alone: what noise aliasing's critic reads. The same map as
+        ``chunks`` for a planner without a frozen prefix."""
+        x_init = noise.to(self.planner.device).reshape(-1, self.horizon, self.action_dim)
+        out = self.planner.predict_action(None, sampler=self.sampler, x_init=x_init,
+                                          cond=features.to(self.planner.device))
+        return out["action"].reshape(len(x_init), -1).to(noise.device)
 
     def step_wait(self):
         t = time.perf_counter()
@@ -213,6 +227,14 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
         payload = load_checkpoint(ckpt, map_location=device)
         refuse_other_method(payload, "noise-sac", ckpt)
         state = payload["finetune_state"]
+    aliasing = bool(c.get("aliasing", False))
+    trained_with = bool(state["sac"].setdefault("aliasing", aliasing if not ckpt.exists() else False))
+    if trained_with != aliasing:
+        raise UserError(f"{ckpt} was trained with noise_sac.aliasing={str(trained_with).lower()}; resume it with "
+                        "the same, or fine-tune into another out")
+    if aliasing and getattr(planner, "prefix", None) is not None:
+        raise UserError("noise_sac.aliasing=true runs the planner from SAC's features alone, and this planner has "
+                        "a frozen prefix that reads the raw observation; use noise_sac.aliasing=false")
     etas = eval_etas(cfg)
     samplers = [planner.ddim(e, float(cfg.algo.min_std)) for e in etas]
     bound, G = float(c.noise_bound), int(c.gradient_steps)
@@ -249,7 +271,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
 
     env = NoiseVecEnv(planner, train_vec, bound, int(cfg.seed) * 1_000_003)
     env.resets, env.env_steps = int(state["sac"]["resets"]), int(state["env_steps"])
-    SAC = _sac_class()
+    SAC = aliased_sac(_sac_class()) if aliasing else _sac_class()
     # SB3 allocates its replay buffer whole and saves it whole: no larger than the budget can fill.
     budget_chunks = -(-int(cfg.env_steps) // planner.config.n_action_steps) + int(c.learning_starts) + 2 * E
     kwargs = dict(learning_rate=float(c.learning_rate), buffer_size=min(int(c.buffer_size), budget_chunks),
@@ -260,7 +282,10 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
         model = SAC.load(sac_dir / "model.zip", env=env, device=device, custom_objects={"learning_rate": kwargs["learning_rate"]})
         model.load_replay_buffer(sac_dir / "replay_buffer.pkl")
     else:
-        model = SAC("MlpPolicy", env, policy_kwargs={"net_arch": list(c.net_arch)}, **kwargs)
+        extra = {"chunk_dim": planner.config.n_action_steps * planner.action_dim} if aliasing else {}
+        model = SAC("MlpPolicy", env, policy_kwargs={"net_arch": list(c.net_arch)}, **kwargs, **extra)
+    if aliasing:
+        model.denoise = env.chunks_of_features
     model.planner_warmup = str(c.warmup) == "planner"
     model._warmup_rng = np.random.default_rng([int(cfg.seed), int(state["sac"]["resets"])])
     steered = SteeredPlanner(planner, actor_noise_fn(model.actor, bound, env.horizon, env.action_dim))
