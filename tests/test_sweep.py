@@ -258,8 +258,9 @@ def test_relative_paths_are_planned_as_absolute(tmp_path, monkeypatch):
 
 
 def test_a_variant_may_fine_tune_some_of_the_tasks_only():
-    """mt10-state: bc on all ten tasks; its control and DPPO's variants on three; a variant
-    naming a task the experiment does not fine-tune is one line."""
+    """mt10-state: bc on all ten tasks; DPPO's variants on three; the control on those and
+    pick-place, as noise-sac is; a variant naming a task the experiment does not fine-tune
+    is one line."""
     from sodp3d.config import compose
     from sodp3d.envs.tasks import resolve_tasks
     from sodp3d.errors import UserError
@@ -270,9 +271,10 @@ def test_a_variant_may_fine_tune_some_of_the_tasks_only():
     by = {}
     for r in ft:
         by.setdefault(r.id.split("/")[1], set()).add(r.cfg["task"])
-    three = set(cfg.variants["bc-only"].tasks)
+    three = set(cfg.variants["gae-bc"].tasks)
     assert by["bc"] == set(resolve_tasks("mt10")) and len(three) == 3
-    assert by["bc-only"] == by["gae-bc"] == by["gae"] == three
+    assert by["gae-bc"] == by["gae"] == three and by["bc-only"] == three | {"pick-place-v3"}
+    assert by["noise-sac"] == {"push-v3", "pick-place-v3"} <= by["bc-only"]  # paired with the control on each
     assert all(r.cfg["env"]["metaworld"]["point_cloud"] is False and r.cfg["algo"]["update_epochs"] == 3 for r in ft)
     with pytest.raises(UserError, match="variant 'bc-only' names tasks \\['basketball-v3'\\]"):
         plan(compose("sweep", ["experiment=mt10-state", "device=cpu", "variants.bc-only.tasks=[basketball-v3]"]))
