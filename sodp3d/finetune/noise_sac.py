@@ -15,9 +15,11 @@ put that noise (the DSRL idea: Wagenmaker et al. 2025, arXiv 2506.15799):
 Until ``learning_starts`` chunks have been collected, SAC acts as the pre-trained planner
 does, with x_S ~ N(0, I) clipped to the bound (``warmup=planner``), so its replay buffer
 starts from the planner's behaviour; ``warmup=uniform`` is SB3's own (uniform in the
-bound). Evaluation acts with SAC's deterministic noise through the planner at eta = 0
-(``SteeredPlanner``), on the reset seeds of every method's evaluations, so results pair
-with PPO + BC's; the evaluation before fine-tuning is the planner's own.
+bound). With ``aliasing=true`` SAC's critic is distilled from a critic on the executed
+chunks (aliasing.py) instead of fitted by TD. Evaluation acts with SAC's deterministic
+noise through the planner at eta = 0 (``SteeredPlanner``), on the reset seeds of every
+method's evaluations, so results pair with PPO + BC's; the evaluation before fine-tuning
+is the planner's own.
 
 A run directory holds the usual ``checkpoints/latest.ckpt`` (the planner, SAC's actor to
 act with, the run's record), and SB3's whole model and replay buffer under ``sac/``
