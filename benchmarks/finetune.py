@@ -367,8 +367,7 @@ def noise_sac_main(args) -> None:
     every step) measured in the same run."""
     import gymnasium as gym
 
-    from sodp3d.finetune.aliasing import aliased_sac
-    from sodp3d.finetune.noise_sac import NoiseVecEnv, _sac_class
+    from sodp3d.finetune.noise_sac import NoiseVecEnv, sac_model
 
     own = [o for o in args.overrides if o.startswith("noise_sac.")]
     cfg = compose("demo", [o for o in args.overrides if not o.startswith("noise_sac.")])
@@ -381,17 +380,17 @@ def noise_sac_main(args) -> None:
                           autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     env = NoiseVecEnv(planner, vec, float(c.noise_bound), seed_base=0)
     aliasing = bool(c.aliasing)
-    SAC = aliased_sac(_sac_class()) if aliasing else _sac_class()
-    extra = {"chunk_dim": Ta * planner.action_dim} if aliasing else {}
-    model = SAC("MlpPolicy", env, learning_rate=float(c.learning_rate), learning_starts=int(c.learning_starts),
-                batch_size=int(c.batch_size), gradient_steps=int(c.gradient_steps), device=args.device,
-                policy_kwargs={"net_arch": list(c.net_arch)}, seed=0, **extra)
+    model = sac_model(env, aliasing, learning_rate=float(c.learning_rate), learning_starts=int(c.learning_starts),
+                      batch_size=int(c.batch_size), gradient_steps=int(c.gradient_steps), device=args.device,
+                      policy_kwargs={"net_arch": list(c.net_arch)}, seed=0)
     model._warmup_rng = np.random.default_rng(0)
     timer = {"train": 0.0, "denoise": 0.0}
     if aliasing:  # the planner's calls inside aliasing's gradient steps, timed apart
+        denoise = model.denoise
+
         def timed_denoise(*a, **k):
             t = time.perf_counter()
-            out = env.chunks_of_features(*a, **k)
+            out = denoise(*a, **k)
             timer["denoise"] += time.perf_counter() - t
             return out
 

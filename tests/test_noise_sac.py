@@ -54,7 +54,7 @@ def test_the_wrapper_denoises_a_noise_as_the_planners_sampler_bit_for_bit(pretra
         own = planner.predict_action(obs, generator=torch.Generator().manual_seed(3), sampler=planner.ddim(0.0))
         # ... the wrapper, given that same noise, executes the same chunk.
         noise = torch.randn((3, planner.config.horizon, planner.action_dim), generator=torch.Generator().manual_seed(3))
-        chunk = env.chunks(obs, noise.reshape(3, -1).numpy())
+        chunk = env.chunks(obs, noise.reshape(3, -1).numpy()).numpy()
         np.testing.assert_array_equal(chunk, own["action"].numpy())
         # Noise aliasing's map, from SAC's observation (the features) alone, is the same map.
         flat = env.chunks_of_features(torch.as_tensor(features), noise.reshape(3, -1))

@@ -120,26 +120,24 @@ class NoiseVecEnv(_vec_env_base()):
         self._actions = np.asarray(actions, np.float32)
 
     @torch.no_grad()
-    def chunks(self, obs: dict[str, Any], noise: np.ndarray) -> np.ndarray:
-        """The Ta actions the frozen planner executes from each noise (E, A), at eta = 0."""
+    def chunks(self, obs: dict[str, Any] | None, noise: np.ndarray | torch.Tensor,
+               cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The Ta actions (B, Ta, Da) the frozen planner executes from each noise (B, A), at
+        eta = 0, on the planner's device. ``cond``: the observation's features when the caller
+        has them; without ``obs`` (noise aliasing reads SAC's observation alone) the planner
+        must have no frozen prefix."""
         x_init = torch.as_tensor(noise, device=self.planner.device).reshape(-1, self.horizon, self.action_dim)
-        out = self.planner.predict_action({k: obs[k] for k in self.planner.obs_keys}, sampler=self.sampler,
-                                          x_init=x_init)
-        return out["action"].cpu().numpy()
+        obs = None if obs is None else {k: obs[k] for k in self.planner.obs_keys}
+        cond = None if cond is None else cond.to(self.planner.device)
+        return self.planner.predict_action(obs, sampler=self.sampler, x_init=x_init, cond=cond)["action"]
 
-    @torch.no_grad()
     def chunks_of_features(self, features: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The executed chunks (B, Ta x Da) of noises (B, A) from SAC's observations (the
-        encoder's features) alone: what noise aliasing's critic reads. The same map as
-        ``chunks`` for a planner without a frozen prefix."""
-        x_init = noise.to(self.planner.device).reshape(-1, self.horizon, self.action_dim)
-        out = self.planner.predict_action(None, sampler=self.sampler, x_init=x_init,
-                                          cond=features.to(self.planner.device))
-        return out["action"].reshape(len(x_init), -1).to(noise.device)
+        """Noise aliasing's map: (B, G) features and (B, A) noises -> (B, Ta x Da) chunks."""
+        return self.chunks(None, noise, cond=features).reshape(len(noise), -1).to(noise.device)
 
     def step_wait(self):
         t = time.perf_counter()
-        actions = self.chunks(self._obs, self._actions)
+        actions = self.chunks(self._obs, self._actions).cpu().numpy()
         self.planner_seconds += time.perf_counter() - t
         obs, reward, terminated, truncated, info = self.vec.step(actions)
         done = terminated | truncated
@@ -201,6 +199,21 @@ def _sac_class():
     return NoiseSAC
 
 
+def sac_model(env: NoiseVecEnv, aliasing: bool, path: Path | None = None, **kwargs):
+    """SB3's SAC over ``env`` (``NoiseSAC``, trained with noise aliasing when asked): a new
+    one with ``kwargs``, or the one saved at ``path``; with aliasing, the frozen planner's
+    map is wired in (it is not saved with the model)."""
+    SAC = aliased_sac(_sac_class()) if aliasing else _sac_class()
+    if path is not None:
+        model = SAC.load(path, env=env, **kwargs)
+    else:
+        chunk = {"chunk_dim": env.planner.config.n_action_steps * env.action_dim} if aliasing else {}
+        model = SAC("MlpPolicy", env, **kwargs, **chunk)
+    if aliasing:
+        model.denoise = env.chunks_of_features
+    return model
+
+
 # ---------------------------------------------------------------------------------------
 # The run
 def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, pretrained: DiffusionPolicy,
@@ -223,14 +236,14 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
     check_policy_fits(planner, task, cfg.env)
     ckpt, sac_dir = run / "checkpoints" / "latest.ckpt", run / "sac"
     state = new_state()
-    state["sac"] = {"resets": 0, "episodes": 0}
+    aliasing = bool(c.get("aliasing", False))
+    state["sac"] = {"resets": 0, "episodes": 0, "aliasing": aliasing}
     if ckpt.exists():
         refuse_existing(run, True, bool(cfg.resume), "a fine-tuning run")
         payload = load_checkpoint(ckpt, map_location=device)
         refuse_other_method(payload, "noise-sac", ckpt)
         state = payload["finetune_state"]
-    aliasing = bool(c.get("aliasing", False))
-    trained_with = bool(state["sac"].setdefault("aliasing", aliasing if not ckpt.exists() else False))
+    trained_with = bool(state["sac"].get("aliasing", False))  # runs from before the option: plain
     if trained_with != aliasing:
         raise UserError(f"{ckpt} was trained with noise_sac.aliasing={str(trained_with).lower()}; resume it with "
                         "the same, or fine-tune into another out")
@@ -273,7 +286,6 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
 
     env = NoiseVecEnv(planner, train_vec, bound, int(cfg.seed) * 1_000_003)
     env.resets, env.env_steps = int(state["sac"]["resets"]), int(state["env_steps"])
-    SAC = aliased_sac(_sac_class()) if aliasing else _sac_class()
     # SB3 allocates its replay buffer whole and saves it whole: no larger than the budget can fill.
     budget_chunks = -(-int(cfg.env_steps) // planner.config.n_action_steps) + int(c.learning_starts) + 2 * E
     kwargs = dict(learning_rate=float(c.learning_rate), buffer_size=min(int(c.buffer_size), budget_chunks),
@@ -281,13 +293,11 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
                   gamma=float(c.gamma), train_freq=1, gradient_steps=G, ent_coef=c.ent_coef,
                   target_entropy=c.target_entropy, device=device, seed=int(cfg.seed))
     if (sac_dir / "model.zip").exists() and ckpt.exists():
-        model = SAC.load(sac_dir / "model.zip", env=env, device=device, custom_objects={"learning_rate": kwargs["learning_rate"]})
+        model = sac_model(env, aliasing, sac_dir / "model.zip", device=device,
+                          custom_objects={"learning_rate": kwargs["learning_rate"]})
         model.load_replay_buffer(sac_dir / "replay_buffer.pkl")
     else:
-        extra = {"chunk_dim": planner.config.n_action_steps * planner.action_dim} if aliasing else {}
-        model = SAC("MlpPolicy", env, policy_kwargs={"net_arch": list(c.net_arch)}, **kwargs, **extra)
-    if aliasing:
-        model.denoise = env.chunks_of_features
+        model = sac_model(env, aliasing, policy_kwargs={"net_arch": list(c.net_arch)}, **kwargs)
     model.planner_warmup = str(c.warmup) == "planner"
     model._warmup_rng = np.random.default_rng([int(cfg.seed), int(state["sac"]["resets"])])
     steered = SteeredPlanner(planner, actor_noise_fn(model.actor, bound, env.horizon, env.action_dim))
