@@ -45,7 +45,7 @@ def test_the_wrapper_denoises_a_noise_as_the_planners_sampler_bit_for_bit(pretra
     planner = planner_of(pretrained)
     vec = make_vector_env("reach-v3", 3, None, mode="sync", autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
                           point_cloud=False, n_obs_steps=2, n_action_steps=8)
-    env = NoiseVecEnv(planner, vec, 1.5, seed_base=0)
+    env = NoiseVecEnv(planner, vec, 1.5, seed_base=0, reward_scale=0.25)
     try:
         features = env.reset()
         obs = env._obs
@@ -65,6 +65,9 @@ def test_the_wrapper_denoises_a_noise_as_the_planners_sampler_bit_for_bit(pretra
         out, reward, done, infos = env.step(np.zeros((3, env.action_space.shape[0]), np.float32))
         assert out.shape == (3, planner.cond_dim) and reward.shape == (3,) and not done.any()
         assert [i["executed"] for i in infos] == [8, 8, 8] and env.env_steps == 24
+        # SAC sees the chunk's reward scaled; the episode's return is kept unscaled.
+        assert np.all(env._ret > 0)
+        np.testing.assert_array_equal(reward, (0.25 * env._ret).astype(np.float32))
     finally:
         env.close()
 
@@ -234,6 +237,7 @@ def test_a_killed_run_resumes_without_repeating_env_steps_and_its_checkpoint_act
     (["noise_sac.gradient_steps=0"], ["noise_sac.gradient_steps must be an integer >= 1"]),
     (["noise_sac.warmup=random"], ["unknown noise_sac.warmup=random", "planner, uniform"]),
     (["noise_sac.aliasing=maybe"], ["noise_sac.aliasing must be true or false", "'maybe'"]),
+    (["noise_sac.reward_scale=0"], ["noise_sac.reward_scale must be a positive number", "got 0"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(bad, words, pretrained, tmp_path, capsys):
     out = tmp_path / "bad"

@@ -9,8 +9,9 @@ put that noise (the DSRL idea: Wagenmaker et al. 2025, arXiv 2506.15799):
                         encodes a cloud)
     SAC's action        x_S, flattened, in [-noise_bound, noise_bound]
     the step            the planner denoises x_S at eta = 0, the environments execute the
-                        Ta actions of the chunk, the reward is the chunk's (discount
-                        ``gamma`` per chunk); time limits bootstrap (TimeLimit.truncated)
+                        Ta actions of the chunk, the reward is the chunk's, times
+                        ``reward_scale`` (discount ``gamma`` per chunk); time limits
+                        bootstrap (TimeLimit.truncated)
 
 Until ``learning_starts`` chunks have been collected, SAC acts as the pre-trained planner
 does, with x_S ~ N(0, I) clipped to the bound (``warmup=planner``), so its replay buffer
@@ -64,6 +65,10 @@ def check_noise_sac(c: DictConfig | dict) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             what = "gradient steps per environment step (per chunk of every env)" if key == "gradient_steps" else key
             raise UserError(f"noise_sac.{key} must be an integer >= {low} ({what}), got {v!r}")
+    scale = get("reward_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise UserError(f"noise_sac.reward_scale must be a positive number (SAC's reward is the chunk's times it), "
+                        f"got {scale!r}")
     if not isinstance(get("aliasing", False), bool):
         raise UserError(f"noise_sac.aliasing must be true or false (noise aliasing: a critic on executed chunks, "
                         f"distilled into the noise space), got {get('aliasing')!r}")
@@ -85,13 +90,16 @@ def _vec_env_base():
 class NoiseVecEnv(_vec_env_base()):
     """SB3's VecEnv over the run's gymnasium vector env (SAME_STEP autoreset) and the frozen
     planner: each step denoises the E noises in one batch, executes the chunks, and
-    returns the features of the next observation windows. Counts executed env steps and
-    keeps each finished episode's return and success."""
+    returns the features of the next observation windows, and the chunks' rewards times
+    ``reward_scale``. Counts executed env steps and keeps each finished episode's return
+    (unscaled) and success."""
 
     render_mode = None  # (SB3 asks its environments)
 
-    def __init__(self, planner: DiffusionPolicy, vec: gym.vector.VectorEnv, bound: float, seed_base: int):
+    def __init__(self, planner: DiffusionPolicy, vec: gym.vector.VectorEnv, bound: float, seed_base: int,
+                 reward_scale: float = 1.0):
         self.planner, self.vec, self.bound = planner, vec, float(bound)
+        self.reward_scale = float(reward_scale)
         self.horizon, self.action_dim = planner.config.horizon, planner.action_dim
         self.sampler = planner.ddim(0.0)
         super().__init__(vec.num_envs, obs_space(planner.cond_dim), action_space(self.horizon, self.action_dim, bound))
@@ -161,7 +169,7 @@ class NoiseVecEnv(_vec_env_base()):
                 self._ret[i], self._ok[i] = 0.0, False
         self.planner_seconds += time.perf_counter() - t
         self._obs = obs
-        return features, reward.astype(np.float32), done, infos
+        return features, (reward * self.reward_scale).astype(np.float32), done, infos
 
     def close(self) -> None:
         self.vec.close()
@@ -284,7 +292,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
         finally:
             eval_vec.close()
 
-    env = NoiseVecEnv(planner, train_vec, bound, int(cfg.seed) * 1_000_003)
+    env = NoiseVecEnv(planner, train_vec, bound, int(cfg.seed) * 1_000_003, float(c.get("reward_scale", 1.0)))
     env.resets, env.env_steps = int(state["sac"]["resets"]), int(state["env_steps"])
     # SB3 allocates its replay buffer whole and saves it whole: no larger than the budget can fill.
     budget_chunks = -(-int(cfg.env_steps) // planner.config.n_action_steps) + int(c.learning_starts) + 2 * E
