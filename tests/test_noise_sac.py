@@ -68,6 +68,14 @@ def test_the_wrapper_denoises_a_noise_as_the_planners_sampler_bit_for_bit(pretra
         # SAC sees the chunk's reward scaled; the episode's return is kept unscaled.
         assert np.all(env._ret > 0)
         np.testing.assert_array_equal(reward, (0.25 * env._ret).astype(np.float32))
+        # With prior_coef, SAC's reward also gains prior_coef x log N(x_S; 0, I), -|x_S|^2 / 2.
+        # (The chunk's reward is read back as a difference of float64 returns: rtol 1e-6 is
+        # far above that difference's rounding and far below any slip in the prior term.)
+        before, env.prior_coef = env._ret.copy(), 0.5
+        A = env.action_space.shape[0]
+        out, reward, done, infos = env.step(np.full((3, A), 0.5, np.float32))
+        expected = 0.25 * (env._ret - before) - 0.5 * 0.5 * (0.25 * A)
+        np.testing.assert_allclose(reward, expected.astype(np.float32), rtol=1e-6)
     finally:
         env.close()
 
@@ -238,6 +246,7 @@ def test_a_killed_run_resumes_without_repeating_env_steps_and_its_checkpoint_act
     (["noise_sac.warmup=random"], ["unknown noise_sac.warmup=random", "planner, uniform"]),
     (["noise_sac.aliasing=maybe"], ["noise_sac.aliasing must be true or false", "'maybe'"]),
     (["noise_sac.reward_scale=0"], ["noise_sac.reward_scale must be a positive number", "got 0"]),
+    (["noise_sac.prior_coef=-1"], ["noise_sac.prior_coef must be a number >= 0", "got -1"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(bad, words, pretrained, tmp_path, capsys):
     out = tmp_path / "bad"

@@ -10,8 +10,14 @@ put that noise (the DSRL idea: Wagenmaker et al. 2025, arXiv 2506.15799):
     SAC's action        x_S, flattened, in [-noise_bound, noise_bound]
     the step            the planner denoises x_S at eta = 0, the environments execute the
                         Ta actions of the chunk, the reward is the chunk's, times
-                        ``reward_scale`` (discount ``gamma`` per chunk); time limits
+                        ``reward_scale``, plus ``prior_coef`` x log N(x_S; 0, I) (up to
+                        its constant) (discount ``gamma`` per chunk); time limits
                         bootstrap (TimeLimit.truncated)
+
+With ``ent_coef`` fixed to ``prior_coef``, SAC's entropy term and the prior's log-density
+sum to -prior_coef x KL(pi || N(0, I)) per chunk: SAC then maximises the return while its
+noise stays near the N(0, I) draws the planner was trained on, instead of spreading over
+the bound as its entropy term alone asks.
 
 Until ``learning_starts`` chunks have been collected, SAC acts as the pre-trained planner
 does, with x_S ~ N(0, I) clipped to the bound (``warmup=planner``), so its replay buffer
@@ -69,6 +75,10 @@ def check_noise_sac(c: DictConfig | dict) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise UserError(f"noise_sac.reward_scale must be a positive number (SAC's reward is the chunk's times it), "
                         f"got {scale!r}")
+    prior = get("prior_coef", 0.0)
+    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or prior < 0:
+        raise UserError(f"noise_sac.prior_coef must be a number >= 0 (the weight of log N(x_S; 0, I) in SAC's "
+                        f"reward; 0: off), got {prior!r}")
     if not isinstance(get("aliasing", False), bool):
         raise UserError(f"noise_sac.aliasing must be true or false (noise aliasing: a critic on executed chunks, "
                         f"distilled into the noise space), got {get('aliasing')!r}")
@@ -91,15 +101,15 @@ class NoiseVecEnv(_vec_env_base()):
     """SB3's VecEnv over the run's gymnasium vector env (SAME_STEP autoreset) and the frozen
     planner: each step denoises the E noises in one batch, executes the chunks, and
     returns the features of the next observation windows, and the chunks' rewards times
-    ``reward_scale``. Counts executed env steps and keeps each finished episode's return
-    (unscaled) and success."""
+    ``reward_scale`` plus ``prior_coef`` x log N(x_S; 0, I) (-|x_S|^2 / 2). Counts executed
+    env steps and keeps each finished episode's return (the env's alone) and success."""
 
     render_mode = None  # (SB3 asks its environments)
 
     def __init__(self, planner: DiffusionPolicy, vec: gym.vector.VectorEnv, bound: float, seed_base: int,
-                 reward_scale: float = 1.0):
+                 reward_scale: float = 1.0, prior_coef: float = 0.0):
         self.planner, self.vec, self.bound = planner, vec, float(bound)
-        self.reward_scale = float(reward_scale)
+        self.reward_scale, self.prior_coef = float(reward_scale), float(prior_coef)
         self.horizon, self.action_dim = planner.config.horizon, planner.action_dim
         self.sampler = planner.ddim(0.0)
         super().__init__(vec.num_envs, obs_space(planner.cond_dim), action_space(self.horizon, self.action_dim, bound))
@@ -169,7 +179,10 @@ class NoiseVecEnv(_vec_env_base()):
                 self._ret[i], self._ok[i] = 0.0, False
         self.planner_seconds += time.perf_counter() - t
         self._obs = obs
-        return features, (reward * self.reward_scale).astype(np.float32), done, infos
+        sac_reward = reward * self.reward_scale
+        if self.prior_coef:
+            sac_reward = sac_reward - self.prior_coef * 0.5 * np.square(self._actions, dtype=np.float64).sum(1)
+        return features, sac_reward.astype(np.float32), done, infos
 
     def close(self) -> None:
         self.vec.close()
@@ -292,7 +305,8 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
         finally:
             eval_vec.close()
 
-    env = NoiseVecEnv(planner, train_vec, bound, int(cfg.seed) * 1_000_003, float(c.get("reward_scale", 1.0)))
+    env = NoiseVecEnv(planner, train_vec, bound, int(cfg.seed) * 1_000_003, float(c.get("reward_scale", 1.0)),
+                      float(c.get("prior_coef", 0.0)))
     env.resets, env.env_steps = int(state["sac"]["resets"]), int(state["env_steps"])
     # SB3 allocates its replay buffer whole and saves it whole: no larger than the budget can fill.
     budget_chunks = -(-int(cfg.env_steps) // planner.config.n_action_steps) + int(c.learning_starts) + 2 * E
