@@ -57,7 +57,7 @@ def aliased_sac(base: type) -> type:
             def critic() -> ContinuousCritic:
                 kw = {**self.policy.critic_kwargs, "action_space": chunk,
                       "features_extractor": FlattenExtractor(obs), "features_dim": int(np.prod(obs.shape))}
-                return ContinuousCritic(**kw).to(self.device)
+                return type(self.policy.critic)(**kw).to(self.device)  # SB3's, or with LayerNorm
 
             self.action_critic, self.action_critic_target = critic(), critic()
             self.action_critic_target.load_state_dict(self.action_critic.state_dict())

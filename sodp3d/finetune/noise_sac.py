@@ -79,9 +79,10 @@ def check_noise_sac(c: DictConfig | dict) -> None:
     if isinstance(prior, bool) or not isinstance(prior, (int, float)) or prior < 0:
         raise UserError(f"noise_sac.prior_coef must be a number >= 0 (the weight of log N(x_S; 0, I) in SAC's "
                         f"reward; 0: off), got {prior!r}")
-    if not isinstance(get("aliasing", False), bool):
-        raise UserError(f"noise_sac.aliasing must be true or false (noise aliasing: a critic on executed chunks, "
-                        f"distilled into the noise space), got {get('aliasing')!r}")
+    for key, what in (("aliasing", "noise aliasing: a critic on executed chunks, distilled into the noise space"),
+                      ("layer_norm", "a LayerNorm after each hidden layer of SAC's critics")):
+        if not isinstance(get(key, False), bool):
+            raise UserError(f"noise_sac.{key} must be true or false ({what}), got {get(key)!r}")
     if str(get("warmup")) not in WARMUPS:
         raise UserError(f"unknown noise_sac.warmup={get('warmup')}; valid: {', '.join(WARMUPS)}")
     arch = get("net_arch")
@@ -220,16 +221,47 @@ def _sac_class():
     return NoiseSAC
 
 
-def sac_model(env: NoiseVecEnv, aliasing: bool, path: Path | None = None, **kwargs):
-    """SB3's SAC over ``env`` (``NoiseSAC``, trained with noise aliasing when asked): a new
-    one with ``kwargs``, or the one saved at ``path``; with aliasing, the frozen planner's
-    map is wired in (it is not saved with the model)."""
+def _layer_norm_policy() -> type:
+    """SB3's SAC policy whose critics put a LayerNorm after each hidden linear layer (DSRL's
+    critics have one; it bounds how far TD targets can carry the critic). The actor is SB3's
+    own, so a checkpoint acts through steering.py unchanged."""
+    from stable_baselines3.common.policies import ContinuousCritic
+    from stable_baselines3.common.preprocessing import get_action_dim
+    from stable_baselines3.common.torch_layers import create_mlp
+    from stable_baselines3.sac.policies import SACPolicy
+
+    class LayerNormCritic(ContinuousCritic):
+        def __init__(self, observation_space, action_space, net_arch, features_extractor, features_dim,
+                     activation_fn=torch.nn.ReLU, **kwargs):
+            super().__init__(observation_space, action_space, net_arch, features_extractor, features_dim,
+                             activation_fn, **kwargs)
+            width = features_dim + get_action_dim(self.action_space)
+            self.q_networks = []
+            for idx in range(self.n_critics):  # replaces SB3's qf0, qf1, ...
+                q_net = torch.nn.Sequential(*create_mlp(width, 1, net_arch, activation_fn,
+                                                        post_linear_modules=[torch.nn.LayerNorm]))
+                self.add_module(f"qf{idx}", q_net)
+                self.q_networks.append(q_net)
+
+    class LayerNormSACPolicy(SACPolicy):
+        def make_critic(self, features_extractor=None) -> ContinuousCritic:
+            kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
+            return LayerNormCritic(**kwargs).to(self.device)
+
+    return LayerNormSACPolicy
+
+
+def sac_model(env: NoiseVecEnv, aliasing: bool, path: Path | None = None, layer_norm: bool = False, **kwargs):
+    """SB3's SAC over ``env`` (``NoiseSAC``, trained with noise aliasing when asked, its
+    critics with LayerNorm when asked): a new one with ``kwargs``, or the one saved at
+    ``path`` (its policy class is saved with it); with aliasing, the frozen planner's map is
+    wired in (it is not saved with the model)."""
     SAC = aliased_sac(_sac_class()) if aliasing else _sac_class()
     if path is not None:
         model = SAC.load(path, env=env, **kwargs)
     else:
         chunk = {"chunk_dim": env.planner.config.n_action_steps * env.action_dim} if aliasing else {}
-        model = SAC("MlpPolicy", env, **kwargs, **chunk)
+        model = SAC(_layer_norm_policy() if layer_norm else "MlpPolicy", env, **kwargs, **chunk)
     if aliasing:
         model.denoise = env.chunks_of_features
     return model
@@ -257,17 +289,18 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
     check_policy_fits(planner, task, cfg.env)
     ckpt, sac_dir = run / "checkpoints" / "latest.ckpt", run / "sac"
     state = new_state()
-    aliasing = bool(c.get("aliasing", False))
-    state["sac"] = {"resets": 0, "episodes": 0, "aliasing": aliasing}
+    aliasing, layer_norm = bool(c.get("aliasing", False)), bool(c.get("layer_norm", False))
+    state["sac"] = {"resets": 0, "episodes": 0, "aliasing": aliasing, "layer_norm": layer_norm}
     if ckpt.exists():
         refuse_existing(run, True, bool(cfg.resume), "a fine-tuning run")
         payload = load_checkpoint(ckpt, map_location=device)
         refuse_other_method(payload, "noise-sac", ckpt)
         state = payload["finetune_state"]
-    trained_with = bool(state["sac"].get("aliasing", False))  # runs from before the option: plain
-    if trained_with != aliasing:
-        raise UserError(f"{ckpt} was trained with noise_sac.aliasing={str(trained_with).lower()}; resume it with "
-                        "the same, or fine-tune into another out")
+    for key, asked in (("aliasing", aliasing), ("layer_norm", layer_norm)):
+        trained_with = bool(state["sac"].get(key, False))  # runs from before the option: without it
+        if trained_with != asked:
+            raise UserError(f"{ckpt} was trained with noise_sac.{key}={str(trained_with).lower()}; resume it with "
+                            "the same, or fine-tune into another out")
     if aliasing and getattr(planner, "prefix", None) is not None:
         raise UserError("noise_sac.aliasing=true runs the planner from SAC's features alone, and this planner has "
                         "a frozen prefix that reads the raw observation; use noise_sac.aliasing=false")
@@ -319,7 +352,8 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
                           custom_objects={"learning_rate": kwargs["learning_rate"]})
         model.load_replay_buffer(sac_dir / "replay_buffer.pkl")
     else:
-        model = sac_model(env, aliasing, policy_kwargs={"net_arch": list(c.net_arch)}, **kwargs)
+        model = sac_model(env, aliasing, layer_norm=layer_norm, policy_kwargs={"net_arch": list(c.net_arch)},
+                          **kwargs)
     model.planner_warmup = str(c.warmup) == "planner"
     model._warmup_rng = np.random.default_rng([int(cfg.seed), int(state["sac"]["resets"])])
     steered = SteeredPlanner(planner, actor_noise_fn(model.actor, bound, env.horizon, env.action_dim))
