@@ -254,10 +254,12 @@ def _layer_norm_policy() -> type:
 def sac_model(env: NoiseVecEnv, aliasing: bool, path: Path | None = None, layer_norm: bool = False, **kwargs):
     """SB3's SAC over ``env`` (``NoiseSAC``, trained with noise aliasing when asked, its
     critics with LayerNorm when asked): a new one with ``kwargs``, or the one saved at
-    ``path`` (its policy class is saved with it); with aliasing, the frozen planner's map is
-    wired in (it is not saved with the model)."""
+    ``path`` (its critics' class given again, not read from the zip); with aliasing, the
+    frozen planner's map is wired in (it is not saved with the model)."""
     SAC = aliased_sac(_sac_class()) if aliasing else _sac_class()
     if path is not None:
+        if layer_norm:
+            kwargs["custom_objects"] = {**kwargs.get("custom_objects", {}), "policy_class": _layer_norm_policy()}
         model = SAC.load(path, env=env, **kwargs)
     else:
         chunk = {"chunk_dim": env.planner.config.n_action_steps * env.action_dim} if aliasing else {}
@@ -348,7 +350,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
                   gamma=float(c.gamma), train_freq=1, gradient_steps=G, ent_coef=c.ent_coef,
                   target_entropy=c.target_entropy, device=device, seed=int(cfg.seed))
     if (sac_dir / "model.zip").exists() and ckpt.exists():
-        model = sac_model(env, aliasing, sac_dir / "model.zip", device=device,
+        model = sac_model(env, aliasing, sac_dir / "model.zip", layer_norm=layer_norm, device=device,
                           custom_objects={"learning_rate": kwargs["learning_rate"]})
         model.load_replay_buffer(sac_dir / "replay_buffer.pkl")
     else:
