@@ -292,16 +292,18 @@ def test_a_checkpoint_of_another_method_is_refused_on_resume(pretrained, tmp_pat
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
-def test_a_run_resumed_with_the_other_aliasing_setting_is_refused(pretrained, tmp_path, capsys):
+@pytest.mark.parametrize("other, words", [("noise_sac.aliasing=true", "noise_sac.aliasing=false"),
+                                          ("noise_sac.reward_scale=0.5", "noise_sac.reward_scale=1.0")])
+def test_a_run_resumed_with_another_setting_of_what_sacs_buffer_holds_is_refused(other, words, pretrained,
+                                                                                 tmp_path, capsys):
     out = tmp_path / "plain"
     assert main(["finetune", f"ckpt={pretrained}", f"out={out}", "env_steps=48", *NS]) == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     capsys.readouterr()
-    rc = main(["finetune", f"ckpt={pretrained}", f"out={out}", "env_steps=96", "resume=true", *NS,
-               "noise_sac.aliasing=true"])
+    rc = main(["finetune", f"ckpt={pretrained}", f"out={out}", "env_steps=96", "resume=true", *NS, other])
     err = capsys.readouterr().err
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("sodp3d")]
-    assert rc == 2 and len(lines) == 1 and "was trained with noise_sac.aliasing=false" in lines[0], err
+    assert rc == 2 and len(lines) == 1 and f"was trained with {words};" in lines[0], err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 

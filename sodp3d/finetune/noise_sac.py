@@ -9,9 +9,9 @@ put that noise (the DSRL idea: Wagenmaker et al. 2025, arXiv 2506.15799):
                         encodes a cloud)
     SAC's action        x_S, flattened, in [-noise_bound, noise_bound]
     the step            the planner denoises x_S at eta = 0, the environments execute the
-                        Ta actions of the chunk, the reward is the chunk's, times
-                        ``reward_scale``, plus ``prior_coef`` x log N(x_S; 0, I) (up to
-                        its constant) (discount ``gamma`` per chunk); time limits
+                        Ta actions of the chunk, the reward is the chunk's times
+                        ``reward_scale`` plus ``prior_coef`` x log N(x_S; 0, I), up to
+                        its constant; discount ``gamma`` per chunk; time limits
                         bootstrap (TimeLimit.truncated)
 
 With ``ent_coef`` fixed to ``prior_coef``, SAC's entropy term and the prior's log-density
@@ -223,8 +223,8 @@ def _sac_class():
 
 def _layer_norm_policy() -> type:
     """SB3's SAC policy whose critics put a LayerNorm after each hidden linear layer (DSRL's
-    critics have one; it bounds how far TD targets can carry the critic). The actor is SB3's
-    own, so a checkpoint acts through steering.py unchanged."""
+    critics have one; a common guard against a critic that overestimates). The actor is
+    SB3's own, so a checkpoint acts through steering.py unchanged."""
     from stable_baselines3.common.policies import ContinuousCritic
     from stable_baselines3.common.preprocessing import get_action_dim
     from stable_baselines3.common.torch_layers import create_mlp
@@ -292,17 +292,22 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
     ckpt, sac_dir = run / "checkpoints" / "latest.ckpt", run / "sac"
     state = new_state()
     aliasing, layer_norm = bool(c.get("aliasing", False)), bool(c.get("layer_norm", False))
-    state["sac"] = {"resets": 0, "episodes": 0, "aliasing": aliasing, "layer_norm": layer_norm}
+    # What SAC's model and replay buffer were made with (absent in runs from before a key: its default).
+    made_with = {"aliasing": aliasing, "layer_norm": layer_norm, "reward_scale": float(c.get("reward_scale", 1.0)),
+                 "prior_coef": float(c.get("prior_coef", 0.0))}
+    defaults = {"aliasing": False, "layer_norm": False, "reward_scale": 1.0, "prior_coef": 0.0}
+    state["sac"] = {"resets": 0, "episodes": 0, **made_with}
     if ckpt.exists():
         refuse_existing(run, True, bool(cfg.resume), "a fine-tuning run")
         payload = load_checkpoint(ckpt, map_location=device)
         refuse_other_method(payload, "noise-sac", ckpt)
         state = payload["finetune_state"]
-    for key, asked in (("aliasing", aliasing), ("layer_norm", layer_norm)):
-        trained_with = bool(state["sac"].get(key, False))  # runs from before the option: without it
+    for key, asked in made_with.items():
+        trained_with = state["sac"].get(key, defaults[key])
         if trained_with != asked:
-            raise UserError(f"{ckpt} was trained with noise_sac.{key}={str(trained_with).lower()}; resume it with "
-                            "the same, or fine-tune into another out")
+            shown = str(trained_with).lower() if isinstance(trained_with, bool) else trained_with
+            raise UserError(f"{ckpt} was trained with noise_sac.{key}={shown}; resume it with the same, or "
+                            "fine-tune into another out")
     if aliasing and getattr(planner, "prefix", None) is not None:
         raise UserError("noise_sac.aliasing=true runs the planner from SAC's features alone, and this planner has "
                         "a frozen prefix that reads the raw observation; use noise_sac.aliasing=false")
