@@ -41,6 +41,7 @@ Da action dim, A = Tp x Da SAC's action width.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ from .aliasing import aliased_sac
 from .steering import SteeredPlanner, action_space, actor_noise_fn, obs_space
 
 WARMUPS = ("planner", "uniform")
+# What SAC's model and replay buffer are made with, at their defaults (also what a run from
+# before a key was made with); a run resumes only with the same.
+BUFFER_SETTINGS = {"aliasing": False, "layer_norm": False, "reward_scale": 1.0, "prior_coef": 0.0}
 
 
 def check_noise_sac(c: DictConfig | dict) -> None:
@@ -221,6 +225,7 @@ def _sac_class():
     return NoiseSAC
 
 
+@functools.cache
 def _layer_norm_policy() -> type:
     """SB3's SAC policy whose critics put a LayerNorm after each hidden linear layer (DSRL's
     critics have one; a common guard against a critic that overestimates). The actor is
@@ -291,11 +296,8 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
     check_policy_fits(planner, task, cfg.env)
     ckpt, sac_dir = run / "checkpoints" / "latest.ckpt", run / "sac"
     state = new_state()
-    aliasing, layer_norm = bool(c.get("aliasing", False)), bool(c.get("layer_norm", False))
-    # What SAC's model and replay buffer were made with (absent in runs from before a key: its default).
-    made_with = {"aliasing": aliasing, "layer_norm": layer_norm, "reward_scale": float(c.get("reward_scale", 1.0)),
-                 "prior_coef": float(c.get("prior_coef", 0.0))}
-    defaults = {"aliasing": False, "layer_norm": False, "reward_scale": 1.0, "prior_coef": 0.0}
+    made_with = {k: type(v)(c.get(k, v)) for k, v in BUFFER_SETTINGS.items()}
+    aliasing, layer_norm = made_with["aliasing"], made_with["layer_norm"]
     state["sac"] = {"resets": 0, "episodes": 0, **made_with}
     if ckpt.exists():
         refuse_existing(run, True, bool(cfg.resume), "a fine-tuning run")
@@ -303,7 +305,7 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
         refuse_other_method(payload, "noise-sac", ckpt)
         state = payload["finetune_state"]
     for key, asked in made_with.items():
-        trained_with = state["sac"].get(key, defaults[key])
+        trained_with = state["sac"].get(key, BUFFER_SETTINGS[key])
         if trained_with != asked:
             shown = str(trained_with).lower() if isinstance(trained_with, bool) else trained_with
             raise UserError(f"{ckpt} was trained with noise_sac.{key}={shown}; resume it with the same, or "
@@ -345,8 +347,8 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
         finally:
             eval_vec.close()
 
-    env = NoiseVecEnv(planner, train_vec, bound, int(cfg.seed) * 1_000_003, float(c.get("reward_scale", 1.0)),
-                      float(c.get("prior_coef", 0.0)))
+    env = NoiseVecEnv(planner, train_vec, bound, int(cfg.seed) * 1_000_003, made_with["reward_scale"],
+                      made_with["prior_coef"])
     env.resets, env.env_steps = int(state["sac"]["resets"]), int(state["env_steps"])
     # SB3 allocates its replay buffer whole and saves it whole: no larger than the budget can fill.
     budget_chunks = -(-int(cfg.env_steps) // planner.config.n_action_steps) + int(c.learning_starts) + 2 * E
