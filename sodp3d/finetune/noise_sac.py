@@ -42,6 +42,7 @@ Da action dim, A = Tp x Da SAC's action width.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -307,9 +308,8 @@ def finetune_task(cfg: DictConfig, task: str, run: Path, device: torch.device, p
     for key, asked in made_with.items():
         trained_with = state["sac"].get(key, BUFFER_SETTINGS[key])
         if trained_with != asked:
-            shown = str(trained_with).lower() if isinstance(trained_with, bool) else trained_with
-            raise UserError(f"{ckpt} was trained with noise_sac.{key}={shown}; resume it with the same, or "
-                            "fine-tune into another out")
+            raise UserError(f"{ckpt} was trained with noise_sac.{key}={json.dumps(trained_with)}; resume it with "
+                            "the same, or fine-tune into another out")
     if aliasing and getattr(planner, "prefix", None) is not None:
         raise UserError("noise_sac.aliasing=true runs the planner from SAC's features alone, and this planner has "
                         "a frozen prefix that reads the raw observation; use noise_sac.aliasing=false")
